@@ -1,0 +1,8 @@
+"""The GPTQ format layer: checkpoint format, the trainable GPTQLinear, and the loader."""
+
+from .format import GPTQConfig, GPTQFormatError, dequantize, pack, read_gptq_config, unpack
+from .layer import GPTQLinear
+from .loader import load_model
+
+__all__ = ["GPTQConfig", "GPTQFormatError", "GPTQLinear", "dequantize", "load_model", "pack",
+           "read_gptq_config", "unpack"]

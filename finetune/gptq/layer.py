@@ -1,0 +1,71 @@
+"""GPTQLinear: a frozen GPTQ-quantised linear layer that passes gradients to its input.
+
+The autograd Function saves nothing but references to the packed tensors the layer already holds: its
+backward dequantises the weight again instead of keeping a dense copy alive between forward and backward.
+That is what lets a 70B model train with LoRA in the memory of its 4-bit weights. The weight gets no
+gradient (it is frozen; LoRA trains beside it), so the input activation need not be saved either.
+
+Dequantisation goes through `dequantizer(device)`: the one seam where GPU kernels plug in. The plain-torch
+reference in `format.dequantize` serves the CPU and defines the exact result every kernel must match.
+"""
+
+import torch
+from torch import nn
+
+from . import format as gptq_format
+from .format import GPTQConfig
+
+
+def dequantizer(device: torch.device):
+    """The dequantise function for tensors on `device`: (layer, dtype) -> dense weight [O, I]."""
+    if device.type == "cuda":
+        from .triton_dequant import dequantize_triton  # imported lazily: CI has neither GPU nor Triton
+        return dequantize_triton
+    return reference_dequantize
+
+
+def reference_dequantize(layer: "GPTQLinear", dtype: torch.dtype) -> torch.Tensor:
+    return gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                  layer.checkpoint_format, dtype)
+
+
+class _GPTQMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "GPTQLinear") -> torch.Tensor:
+        ctx.layer = layer  # the module, not a tensor: nothing is saved for backward
+        weight = dequantizer(x.device)(layer, x.dtype)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight = dequantizer(grad_output.device)(ctx.layer, grad_output.dtype)
+        return grad_output @ weight, None
+
+
+class GPTQLinear(nn.Linear):
+    """A GPTQ linear layer. It subclasses nn.Linear (without allocating a dense weight) so that PEFT,
+    unchanged, wraps it with LoRA; PEFT finds its device through `qweight`."""
+
+    def __init__(self, in_features: int, out_features: int, config: GPTQConfig, bias: bool = False,
+                 device=None, dtype: torch.dtype = torch.float16):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.checkpoint_format = config.bits, config.group_size, config.checkpoint_format
+        shapes = gptq_format.expected_shapes(config, in_features, out_features)
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", gptq_format.default_g_idx(in_features, config.group_size, device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _GPTQMatmul.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [out, in] this layer computes with (used by merge and export)."""
+        return reference_dequantize(self, dtype or self.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
