@@ -1,0 +1,37 @@
+"""Describe a GPTQ checkpoint before downloading it: bits, group, act-order, format, shards, quantised
+modules, and the estimated GPU memory to LoRA-train it.
+
+    python finetune/describe.py TheBloke/meditron-70B-GPTQ --revision gptq-4bit-32g-actorder_True --seq-len 8192
+    python finetune/describe.py path/to/local/gptq-dir
+"""
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this folder must not shadow libraries (evaluate, datasets, ...)
+
+import argparse  # noqa: E402
+
+from finetune.checkpoint_info import describe_checkpoint, format_report  # noqa: E402
+from finetune.gptq.format import GPTQFormatError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="Hub repo id (only config and safetensors headers are fetched) or local directory")
+    parser.add_argument("--revision", default=None, help="Hub branch, e.g. gptq-4bit-128g-actorder_True (default: main)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="training sequence length for the memory estimate")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all seven projections for the estimate")
+    args = parser.parse_args(argv)
+    try:
+        info = describe_checkpoint(args.source, args.revision, args.seq_len, args.lora_r)
+    except GPTQFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(info, args.seq_len, args.lora_r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
