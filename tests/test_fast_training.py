@@ -1,0 +1,122 @@
+"""The fast training path's CPU-checkable parts: the lean LoRA forward, selective recompute, the memory plan.
+
+(Liger kernels, host offload and the memory measurement need a GPU: speed_benchmark exercises them there.)"""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig
+
+from finetune import fast_training
+from finetune.fast_training import RecomputePlan, apply_plan, decoder_layers, plan_recompute, speed_up_lora
+from finetune.gptq.format import GPTQConfig
+from finetune.gptq.loader import load_model
+from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
+
+TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128)
+MIB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gptq")
+    write_random_gptq_checkpoint(path, TINY, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    return path
+
+
+def lora_model(checkpoint):
+    torch.manual_seed(0)  # same LoRA A init in every model
+    model = get_peft_model(load_model(checkpoint, device="cpu"),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters matter
+            torch.nn.init.normal_(param, std=0.1)
+    return model.train()
+
+
+def loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountFFNMatmuls(TorchDispatchMode):
+    """Counts matmuls (mm, addmm) against a dense MLP weight: the GPTQ layers' dequantised [in, out] / [out, in]."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        weight = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}.get(func)
+        if weight is not None and tuple(args[weight].shape) in ((160, 64), (64, 160)):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
+    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    reference_loss, reference = loss_and_grads(lora_model(checkpoint), tokens)
+
+    model = lora_model(checkpoint)
+    assert speed_up_lora(model) == 7 * TINY.num_hidden_layers
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    layers = decoder_layers(base)
+    for keep in (0, 1, 3):
+        apply_plan(layers, RecomputePlan(keep=keep, offload=0, bytes=0), hooks=None)
+        assert [layer.gradient_checkpointing for layer in layers] == [i < 3 - keep for i in range(3)]
+        loss, grads = loss_and_grads(model, tokens)
+        assert loss == pytest.approx(reference_loss, rel=1e-6)
+        for name, grad in grads.items():
+            assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, name
+
+
+def test_recompute_skips_the_last_base_matmul_of_each_layer(checkpoint):
+    """The adapter runs before the base matmul, so the checkpoint's early stop ends each layer's recompute
+    before down_proj's base matmul: per layer the backward does 3 MLP matmuls (dX of gate, up, down) and the
+    recompute 2 (gate, up), not 3."""
+    model = lora_model(checkpoint)
+    speed_up_lora(model)
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 32))
+    counts = {}
+    for keep in (3, 0):
+        apply_plan(decoder_layers(base), RecomputePlan(keep=keep, offload=0, bytes=0), hooks=None)
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        with CountFFNMatmuls() as counter:
+            loss.backward()
+        counts[keep] = counter.count
+    assert counts == {3: 3 * 3, 0: 3 * (3 + 2)}
+
+
+def test_plan_keeps_as_many_layers_as_the_budget_allows():
+    # 80 layers, 64 MiB input, 1100 MiB saved per layer, 1500 MiB backward working memory
+    plan = plan_recompute(80, 64 * MIB, 1100 * MIB, 1500 * MIB, free_bytes=30 * 1024 * MIB)
+    assert (plan.keep, plan.offload) == ((30 * 1024 - 1500 - 80 * 64) // (1100 - 64), 0)
+    assert plan.bytes <= 30 * 1024 * MIB
+    assert [plan.mode(i, 80) for i in (0, 79 - plan.keep, 80 - plan.keep, 79)] == \
+        ["recompute", "recompute", "keep", "keep"]
+    everything = plan_recompute(80, 64 * MIB, 1100 * MIB, 1500 * MIB, free_bytes=200 * 1024 * MIB)
+    assert (everything.keep, everything.offload) == (80, 0)
+
+
+def test_plan_moves_inputs_to_the_host_only_as_needed():
+    # 32k tokens: 512 MiB input and ~8.6 GiB saved per layer; 45 GiB free
+    plan = plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=45 * 1024 * MIB)
+    on_gpu = (45 * 1024 - 8800 - 4000 - 2 * 512) // 512
+    assert (plan.keep, plan.offload) == (0, 80 - on_gpu)
+    assert [plan.mode(i, 80) for i in (0, plan.offload - 1, plan.offload)] == ["offload", "offload", "recompute"]
+    with pytest.raises(ValueError, match="shorten seq_len or raise memory_budget_gib"):
+        plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=10 * 1024 * MIB)
+
+
+def test_enable_fast_training_refuses_a_cpu_model(checkpoint):
+    with pytest.raises(ValueError, match="needs the model on a CUDA GPU; on CPU train without it"):
+        fast_training.enable_fast_training(lora_model(checkpoint), seq_len=64)
