@@ -125,14 +125,15 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
                bits: int, checkpoint_format: str = "gptq", dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight [O, I] (nn.Linear layout) in `dtype` (default: scales' dtype).
 
-    (q - zero) is a small integer and scale an fp16, so their product is exact in fp32; one rounding to
-    `dtype` then gives the same bits as gptqmodel's fp16 arithmetic, and a single rounding for bf16."""
+    (q - zero) is a small integer and scale an fp16, so their product is exact in fp32; rounding it to the
+    scales' fp16 gives the same bits as gptqmodel's fp16 arithmetic. That fp16 weight is what the checkpoint
+    means (every GPTQ kernel computes it), so it is cast on to `dtype` from there: fp32 holds it exactly."""
     in_features, out_features = g_idx.shape[0], scales.shape[1]
     q = unpack(qweight, bits, in_features)
     zeros = unpack_zeros(qzeros, bits, out_features, checkpoint_format)
     groups = g_idx.long()
     weight = (q - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
-    return weight.t().to(dtype or scales.dtype)
+    return weight.t().to(scales.dtype).to(dtype or scales.dtype)
 
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
