@@ -93,13 +93,16 @@ def calibration_texts() -> list[str]:
 
 def smollm2_gptq_dir() -> Path:
     """SmolLM2-135M-Instruct quantised by gptqmodel to 4-bit, group 128, act-order, v1 format."""
-    from .quantize import quantize_to_gptq
     source = smollm2_dir()
     texts = calibration_texts()
     settings = {**GPTQ_SETTINGS, "source": source.name,
                 "calibration": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()}
-    return cached_dir("smollm2-135m-instruct-gptq", settings,
-                      lambda out: quantize_to_gptq(source, out, calibration_texts=texts, **GPTQ_SETTINGS))
+
+    def build(out: Path) -> None:
+        from .quantize import quantize_to_gptq  # gptqmodel is imported only when the cache misses
+        quantize_to_gptq(source, out, calibration_texts=texts, **GPTQ_SETTINGS)
+
+    return cached_dir("smollm2-135m-instruct-gptq", settings, build)
 
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_dir, "smollm2-135m-instruct-gptq": smollm2_gptq_dir}

@@ -57,6 +57,7 @@ class GPTQLinear(nn.Linear):
         self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
         self.register_buffer("g_idx", gptq_format.default_g_idx(in_features, config.group_size, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_parameter("weight", None)  # no dense weight; PEFT reads `.weight` of every nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _GPTQMatmul.apply(x, self)
