@@ -29,11 +29,12 @@ OFFLOAD_MIN_BYTES = 2 ** 20  # smaller saved tensors (position ids, checkpoint's
 
 
 def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_gib: float | None = None,
-                         liger: bool = True) -> dict:
+                         liger: bool = True, fused_loss: bool = True) -> dict:
     """Make a PEFT LoRA model over GPTQLinear layers train fast on its GPU; returns what was done.
 
     seq_len: tokens per step (the packed sequence length); memory_budget_gib: peak GPU memory to plan
-    recompute for (default 90% of the card). Call after `get_peft_model` and before the optimizer's first step;
+    recompute for (default 90% of the card); fused_loss: liger's fused linear-cross-entropy (off when the trainer
+    fuses lm_head and loss itself, as TRL's SFTTrainer does). Call after `get_peft_model` and before the optimizer's first step;
     the plan assumes AdamW (two fp32 moments per trainable parameter). Calling again re-plans for a new length."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise ValueError("enable_fast_training needs the model on a CUDA GPU; on CPU train without it")
@@ -42,7 +43,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     if liger and not getattr(base, "_liger_applied", False):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
-                                        fused_linear_cross_entropy=True, cross_entropy=False)
+                                        fused_linear_cross_entropy=fused_loss, cross_entropy=False)
         base._liger_applied = True
     report = {"liger": getattr(base, "_liger_applied", False), "fast_lora_modules": speed_up_lora(model)}
 

@@ -129,6 +129,8 @@ def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     train = OmegaConf.to_container(cfg.train, resolve=True)
     train.pop("dry_run")
     on_gpu = PartialState().device.type == "cuda"
+    if on_gpu and cfg.gpu.fast_path:  # finetune.fast_training plans recompute per layer and applies liger itself
+        train.update(activation_checkpointing=False, use_liger_kernel=False)
     try:
         return SFTConfig(**{"bf16": on_gpu, "dataloader_pin_memory": on_gpu, **train}, output_dir=str(output_dir),
                          run_name=Path(cfg.output_dir).name, seed=cfg.seed, eos_token=chatml.IM_END,
@@ -200,6 +202,11 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     model, tokenizer, added_ids = load_model_and_tokenizer(prepared)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
+    if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
+        from .fast_training import enable_fast_training
+        plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
+                                    memory_budget_gib=cfg.gpu.memory_budget_gib)
+        trainer.accelerator.print(f"fast GPU path: {plan}")
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):
         # TRL's fused loss reads lm_head.weight and lm_head.bias; PEFT's wrapper passes on only .weight (the
