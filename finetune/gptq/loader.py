@@ -101,6 +101,25 @@ def default_device() -> torch.device:
     return PartialState().device  # this process's GPU under `accelerate launch`, else cuda:0 or cpu
 
 
+def build_skeleton(model_dir: Path, gptq_config: GPTQConfig, shapes: dict[str, tuple], device: torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """The transformers model with its quantised linears swapped for GPTQLinear, every weight still on the meta
+    device (nothing allocated): `load_model` fills it whole, the streaming merge one decoder layer at a time."""
+    config = AutoConfig.from_pretrained(model_dir)
+    config.quantization_config = None  # we apply it ourselves; transformers must not route it to optimum
+    del config.quantization_config
+    with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, linear in quantised_linears(model, shapes, gptq_config).items():
+        parent_name, _, child = name.rpartition(".")
+        layer = GPTQLinear(linear.in_features, linear.out_features, gptq_config, bias=f"{name}.bias" in shapes,
+                           device="meta", dtype=dtype)
+        if f"{name}.g_idx" not in shapes:
+            layer.g_idx = default_g_idx(linear.in_features, gptq_config.group_size, device)
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
 def load_model(source: str | Path, revision: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load a GPTQ causal LM with the project's trainable GPTQ layers.
@@ -115,21 +134,7 @@ def load_model(source: str | Path, revision: str | None = None, device: str | to
     if revision is not None or not Path(source).expanduser().is_dir():
         model_dir = resolve_source(source, revision, weights=True)
     files = weight_files(model_dir)
-    shapes = tensor_shapes(files)
-
-    config = AutoConfig.from_pretrained(model_dir)
-    config.quantization_config = None  # we apply it ourselves; transformers must not route it to optimum
-    del config.quantization_config
-    with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, linear in quantised_linears(model, shapes, gptq_config).items():
-        parent_name, _, child = name.rpartition(".")
-        layer = GPTQLinear(linear.in_features, linear.out_features, gptq_config, bias=f"{name}.bias" in shapes,
-                           device="meta", dtype=dtype)
-        if f"{name}.g_idx" not in shapes:
-            layer.g_idx = default_g_idx(linear.in_features, gptq_config.group_size, device)
-        setattr(model.get_submodule(parent_name), child, layer)
-
+    model = build_skeleton(model_dir, gptq_config, tensor_shapes(files), device, dtype)
     _load_tensors(model, files, device, dtype)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
