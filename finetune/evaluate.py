@@ -1,0 +1,44 @@
+"""Evaluate a GPTQ model, alone or with a LoRA adapter, on PubMedQA, MedMCQA and MedQA; the recipe and its
+Hydra overrides are training's (eval.* in recipes/base.yaml), so an adapter is evaluated as it was trained.
+
+    python finetune/evaluate.py recipe=smoke adapter=runs/smoke eval.benchmarks=[pubmedqa_smoke] \
+        output_dir=runs/smoke-eval
+    python finetune/evaluate.py recipe=medqa adapter=runs/medqa eval.benchmarks=[medqa4] output_dir=runs/medqa-eval
+    python finetune/evaluate.py recipe=medqa eval.mode=sc eval.limit=200 output_dir=runs/base-sc   # the base alone
+    python finetune/evaluate.py recipe=medqa adapter=you/meditron-medqa-lora eval.benchmarks=[pubmedqa,medqa4] \
+        eval.mode=loglik eval.limit=50 output_dir=runs/hub-eval
+"""
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this folder (with evaluate.py in it!) must not shadow libraries: evaluate, datasets, ...
+
+import shlex  # noqa: E402
+
+from finetune.evaluation import evaluate  # noqa: E402
+from finetune.gptq import GPTQFormatError  # noqa: E402
+from finetune.recipe import RecipeError, compose_recipe, split_args, usage  # noqa: E402
+
+
+def main(args: list[str]) -> int:
+    if "--help" in args or "-h" in args:
+        print(__doc__.strip() + "\n\n" + usage(args).split("\n\n", 1)[1])  # + the recipes and resolved config
+        return 0
+    try:
+        cfg = compose_recipe(*split_args(args))
+        summary = evaluate(cfg, command=shlex.join(["finetune/evaluate.py", *args]))
+    except (RecipeError, GPTQFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, s in summary.items():
+        low, high = s["ci95"]
+        print(f"{name:>15}: {100 * s['accuracy']:5.1f}% ({100 * low:.1f}-{100 * high:.1f}) of {s['n']}, "
+              f"unparseable {100 * s['unparseable_rate']:.1f}%")
+    print(f"results in {cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
