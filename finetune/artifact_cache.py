@@ -24,9 +24,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEDITRON_FINETUNE_CACHE", "~/.cache/meditron-finetune")).expanduser()
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(packages: tuple[str, ...] = KEYED_PACKAGES) -> dict[str, str]:
+    """Installed version of each package, "absent" where it is not installed."""
     versions = {}
-    for package in KEYED_PACKAGES:
+    for package in packages:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

@@ -12,13 +12,13 @@
 import hashlib
 import json
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from . import chatml
+from .artifact_cache import package_versions as installed_versions
 from .run_report import write_atomic
 
 PACKAGES = ("meditron-finetune", "torch", "transformers", "peft", "accelerate", "trl", "datasets", "tokenizers",
@@ -40,13 +40,7 @@ def folder_sha256(folder: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
+    return {"python": platform.python_version(), **installed_versions(PACKAGES)}
 
 
 def write_json(path: Path, data) -> None:
