@@ -40,11 +40,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
         raise ValueError("enable_fast_training needs the model on a CUDA GPU; on CPU train without it")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
-    if liger and not getattr(base, "_liger_applied", False):
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
-                                        fused_linear_cross_entropy=fused_loss, cross_entropy=False)
-        base._liger_applied = True
+    if liger:
+        apply_liger(base, fused_loss=fused_loss)
     report = {"liger": getattr(base, "_liger_applied", False), "fast_lora_modules": speed_up_lora(model)}
 
     layers = decoder_layers(base)
@@ -70,6 +67,16 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
                   layer_activations_mib=round(sizes[1] * scale / 2 ** 20),
                   layer_input_mib=round(sizes[0] * scale / 2 ** 20))
     return report
+
+
+def apply_liger(base: torch.nn.Module, fused_loss: bool = False) -> None:
+    """liger-kernel's fused RoPE, RMSNorm and SwiGLU (and, for training, its fused linear-cross-entropy) on a
+    transformers Llama-family model, once."""
+    if not getattr(base, "_liger_applied", False):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=fused_loss, cross_entropy=False)
+        base._liger_applied = True
 
 
 # ----------------------------------------------------------------------------------------------------- LoRA

@@ -6,6 +6,7 @@ added. Every failure is a `RecipeError` with a one-line message naming the key a
 before any model or data is touched.
 """
 
+import importlib.util
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -157,6 +158,13 @@ def check_run_dir(cfg: DictConfig) -> Path | None:
         raise RecipeError(f"output_dir {run_dir} already holds a run; pass a new output_dir=... or resume=true "
                           "to continue it")
     return None
+
+
+def check_gpu_extra(cfg: DictConfig, on_gpu: bool) -> None:
+    """gpu.fast_path on a GPU uses liger-kernel, the `gpu` extra: missing, fail now rather than after loading."""
+    if on_gpu and cfg.gpu.fast_path and importlib.util.find_spec("liger_kernel") is None:
+        raise RecipeError("gpu.fast_path=true needs liger-kernel on a GPU machine: pip install -e '.[gpu]' (or "
+                          "gpu.fast_path=false for the plain path)")
 
 
 def usage(args: list[str]) -> str:

@@ -33,7 +33,7 @@ from .gptq.format import read_gptq_config
 from .gptq.loader import resolve_source
 from .medical_data import load_benchmark
 from .memory import ModelShape, estimate_lora_training_memory
-from .recipe import CHECKPOINTS, RecipeError, check_run_dir
+from .recipe import CHECKPOINTS, RecipeError, check_gpu_extra, check_run_dir
 from .run_report import RunReport, save_adapter, save_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,10 @@ def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     if on_gpu and cfg.gpu.fast_path:  # finetune.fast_training plans recompute per layer and applies liger itself
         train.update(activation_checkpointing=False, use_liger_kernel=False)
     try:
-        return SFTConfig(**{"bf16": on_gpu, "dataloader_pin_memory": on_gpu, **train}, output_dir=str(output_dir),
+        # ddp_broadcast_buffers: the GPTQ weights are buffers, identical on every GPU; DDP's default would
+        # re-broadcast the whole 4-bit model from GPU 0 at every step (-6 % of 2-GPU speed, eval/BENCHMARKS.md)
+        return SFTConfig(**{"bf16": on_gpu, "dataloader_pin_memory": on_gpu, "ddp_broadcast_buffers": False, **train},
+                         output_dir=str(output_dir),
                          run_name=Path(cfg.output_dir).name, seed=cfg.seed, eos_token=chatml.IM_END,
                          completion_only_loss=True)
     except (TypeError, ValueError) as err:
@@ -155,6 +158,7 @@ def check_scheduler(args: SFTConfig) -> None:
 def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
+    check_gpu_extra(cfg, on_gpu=PartialState().device.type == "cuda")
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
     source = model_source(cfg)
     model_dir = check_model(cfg, source)

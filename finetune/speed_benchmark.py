@@ -59,7 +59,7 @@ def build_model(side: str, spec: dict):
         return get_peft_model(model, lora), None
     from finetune.fast_training import enable_fast_training
     from finetune.gptq.loader import load_model
-    model = get_peft_model(load_model(spec["checkpoint"], device="cuda:0"), lora)
+    model = get_peft_model(load_model(spec["checkpoint"]), lora)  # this process's GPU (cuda:0 alone)
     return model, enable_fast_training(model, seq_len=spec["seq_len"], memory_budget_gib=spec.get("budget"))
 
 
@@ -71,11 +71,21 @@ def training_step(model, optimizer, tokens: torch.Tensor) -> float:
     return loss
 
 
-def time_training(model, seq_len: int, steps: int, warmup: int) -> dict:
-    """tokens/s over `steps` timed steps after `warmup` steps; peak memory of the training steps."""
+def time_training(model, seq_len: int, steps: int, warmup: int, data_parallel: bool = False) -> dict:
+    """tokens/s over `steps` timed steps after `warmup` steps (of all processes together when data_parallel: each
+    under `accelerate launch` trains on its own sequence, DDP averages the LoRA gradients, as SFTTrainer does);
+    peak memory of the training steps (of this process)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda")
+    processes, device = 1, next(model.parameters()).device
+    tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    if data_parallel:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        # the GPTQ weights are buffers: not re-broadcast every step (finetune.sft sets the same)
+        accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        processes = accelerator.num_processes
+        tokens = torch.roll(tokens, accelerator.process_index * 997)  # each process its own sequence
+        model, optimizer = accelerator.prepare(model, optimizer)
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(warmup + steps):
@@ -84,7 +94,7 @@ def time_training(model, seq_len: int, steps: int, warmup: int) -> dict:
         losses.append(training_step(model, optimizer, tokens).item())  # .item() synchronises
         times.append(time.perf_counter() - start)
     timed = times[warmup:]
-    return {"tokens_per_s": round(seq_len * len(timed) / sum(timed), 1), "step_s": [round(t, 3) for t in times],
+    return {"tokens_per_s": round(processes * seq_len * len(timed) / sum(timed), 1), "processes": processes, "step_s": [round(t, 3) for t in times],
             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2), "losses": [round(x, 4) for x in losses],
             "optimizer": optimizer, "tokens": tokens}
@@ -95,13 +105,14 @@ KERNEL_CLASSES = [("dequantise", re.compile(r"dequant", re.I)),
                   ("GEMM", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|gemv|splitk", re.I))]
 
 
-def profile_step(model, optimizer, tokens) -> dict:
-    """Where one training step's GPU time goes, by kernel class; 'idle' is wall time with no kernel running."""
+def profile_gpu(work) -> dict:
+    """Where `work()`'s GPU time goes, by kernel class; 'idle' is wall time with no kernel running."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        training_step(model, optimizer, tokens).item()
+        work()
+        torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
     classes, kernels = {"GEMM": 0.0, "dequantise": 0.0, "attention": 0.0, "other": 0.0}, {}
     for event in prof.key_averages():
@@ -121,12 +132,13 @@ def profile_step(model, optimizer, tokens) -> dict:
 def train_case(spec: dict) -> dict:
     from finetune.fast_training import linear_parameter_count
     model, fast = build_model(spec["side"], spec)
-    result = time_training(model, spec["seq_len"], spec["steps"], spec["warmup"])
+    result = time_training(model, spec["seq_len"], spec["steps"], spec["warmup"],
+                           data_parallel=spec.get("processes", 1) > 1)
     optimizer, tokens = result.pop("optimizer"), result.pop("tokens")
     params = linear_parameter_count(model) or spec["linear_params"]  # the peer's layers are gptqmodel's
     result |= {"fast_path": fast, "tflops": round(4.3 * params * result["tokens_per_s"] / 1e12, 1)}
     if spec.get("profile"):
-        result["profile"] = profile_step(model, optimizer, tokens)
+        result["profile"] = profile_gpu(lambda: training_step(model, optimizer, tokens).item())
     return result
 
 
@@ -181,8 +193,12 @@ def run_case(kind: str, spec: dict, log) -> dict:
                         "TOKENIZERS_PARALLELISM": "false"}
     if spec.get("side") != "peer":  # part of our path: no fragmentation at long lengths
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    launcher = [sys.executable]
+    if spec.get("processes", 1) > 1:  # data parallel, launched as users launch train.py
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                    "--num_processes", str(spec["processes"]), "--mixed_precision", "no", "--dynamo_backend", "no"]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "finetune.speed_benchmark", "--worker", kind, json.dumps(spec)],
+    proc = subprocess.run([*launcher, "-m", "finetune.speed_benchmark", "--worker", kind, json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     log.write(f"\n===== {kind} {json.dumps(spec)}\n{proc.stdout}\n{proc.stderr}\n")
     log.flush()
@@ -205,6 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", nargs="*", default=["auto"],
                         help="memory budgets (GiB) to run ours at; 'auto' = 90%% of the card")
     parser.add_argument("--longest", type=int, nargs="*", default=[], help="sequence lengths to try, ascending")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="also run ours at the first budget data-parallel on this many GPUs (accelerate launch)")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--dequant", action="store_true", help="also time the dequantisation kernel alone")
@@ -243,6 +261,9 @@ def main(argv=None) -> None:
             record(results["cases"], f"ours budget={budget}", "train", spec)
             if i == 0 and args.longest:  # right after the headline case: the longest context matters more
                 record(results, "longest", "longest", common | {"lengths": args.longest})
+            if i == 0 and args.gpus > 1:
+                record(results["cases"], f"ours budget={budget}, {args.gpus} GPUs",
+                       "train", spec | {"processes": args.gpus, "profile": False})
     table = format_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -263,6 +284,10 @@ def format_table(results: dict) -> str:
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tflops']} | {r['peak_gib']} ({r['reserved_gib']}) "
                      f"| {ratio} | {fast or 'peer config'} |")
     for name, r in results["cases"].items():
+        one_gpu = results["cases"].get(name.rsplit(",", 1)[0], {}).get("tokens_per_s")
+        if r.get("processes", 1) > 1 and one_gpu:
+            lines += ["", f"data parallel: {name} = {r['tokens_per_s'] / one_gpu:.2f}x the same case on one GPU"]
+    for name, r in results["cases"].items():
         if "profile" in r:
             p = r["profile"]
             shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())
@@ -281,6 +306,8 @@ def format_table(results: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         torch.manual_seed(0)
-        print("RESULT " + json.dumps(CASES[sys.argv[2]](json.loads(sys.argv[3]))), flush=True)
+        result = CASES[sys.argv[2]](json.loads(sys.argv[3]))
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch: the main process reports
+            print("RESULT " + json.dumps(result), flush=True)
     else:
         main()

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune import sft
-from finetune.recipe import RecipeError, available_recipes, check_run_dir, compose_recipe, split_args, usage
+from finetune.recipe import (RecipeError, available_recipes, check_gpu_extra, check_run_dir, compose_recipe, split_args,
+                             usage)
 
 REPO = Path(__file__).resolve().parent.parent
 # the entry script's main(), in-process (test_train.py runs it as a script under accelerate launch)
@@ -104,6 +105,24 @@ def test_bad_training_arguments_fail_before_any_model_is_loaded(tmp_path):
     assert "lr_scheduler_kwargs" not in compose_recipe("smoke", ["~train.lr_scheduler_kwargs"]).train
     with pytest.raises(RecipeError, match=r"^train.max_length was removed"):
         compose_recipe("smoke", ["~train.max_length"])
+
+
+def test_multi_gpu_runs_do_not_rebroadcast_the_gptq_weights(tmp_path):
+    # the packed GPTQ weights are buffers: DDP's default broadcast would send the whole model every step
+    cfg = compose_recipe("smoke", [f"output_dir={tmp_path}/run"])
+    assert sft.sft_config(cfg, tmp_path).ddp_broadcast_buffers is False
+    cfg = compose_recipe("smoke", ["+train.ddp_broadcast_buffers=true", f"output_dir={tmp_path}/run"])
+    assert sft.sft_config(cfg, tmp_path).ddp_broadcast_buffers is True  # the recipe may still ask for it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
+def test_gpu_fast_path_without_the_gpu_extra_fails_before_loading():
+    cfg = compose_recipe("smoke")
+    with pytest.raises(RecipeError, match=r"^gpu.fast_path=true needs liger-kernel on a GPU machine: pip install "
+                                          r"-e '.\[gpu\]' \(or gpu.fast_path=false"):
+        check_gpu_extra(cfg, on_gpu=True)
+    check_gpu_extra(cfg, on_gpu=False)  # the CPU path needs no extra
+    check_gpu_extra(compose_recipe("smoke", ["gpu.fast_path=false"]), on_gpu=True)
 
 
 def test_lora_targets_are_checked_against_the_model():
