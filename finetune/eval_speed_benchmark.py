@@ -110,7 +110,11 @@ def full_sequence_logprobs(model, requests, pad_id: int) -> list[list[float]]:
 def load_side(side: str, spec: dict):
     if side == "ours":
         from .gptq.loader import load_model
-        return load_model(spec["checkpoint"], device=spec["device"])
+        model = load_model(spec["checkpoint"], device=spec["device"])
+        if spec["device"].startswith("cuda"):  # as finetune.evaluation does with gpu.fast_path (the default)
+            from .fast_training import apply_liger
+            apply_liger(model)
+        return model
     from transformers import AutoModelForCausalLM, GPTQConfig
     device_map = {"": 0} if spec["device"].startswith("cuda") else {"": "cpu"}
     dtype = torch.bfloat16 if spec["device"].startswith("cuda") else torch.float32
@@ -122,11 +126,13 @@ def load_side(side: str, spec: dict):
 def time_side(spec: dict) -> dict:
     """Load one side's model, score one batch untimed, then every question timed."""
     from .scoring import batches_by_length, option_logprobs
+    from .speed_benchmark import profile_gpu
     side, cuda = spec["side"], spec["device"].startswith("cuda")
     start = time.perf_counter()
     model = load_side(side, spec)
     load_s = time.perf_counter() - start
     requests, pad_id = load_requests(Path(spec["tokens"]), model.config.vocab_size)
+    requests = requests[:spec["limit"]]
     score = option_logprobs if side == "ours" else full_sequence_logprobs
     batches = batches_by_length([len(r.prompt_ids) for r in requests], spec["batch_size"])
     with torch.inference_mode():
@@ -142,13 +148,15 @@ def time_side(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        profile = spec.get("profile") and cuda and profile_gpu(
+            lambda: score(model, [requests[i] for i in batches[len(batches) // 2]], pad_id))
     tokens = sum(len(r.prompt_ids) * (1 if side == "ours" else len(r.option_ids)) + sum(map(len, r.option_ids))
                  for r in requests)
     return {"seconds": round(seconds, 2), "load_s": round(load_s, 1), "questions": len(requests),
             "tokens_through_model": tokens, "tokens_per_s": round(tokens / seconds),
             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None,
             "argmax": [max(range(len(s)), key=s.__getitem__) for s in scores],
-            "logprobs_head": scores[:8]}
+            "logprobs_head": scores[:8]} | ({"profile": profile} if profile else {})
 
 
 # ------------------------------------------------------------------------------------------- orchestration
@@ -172,15 +180,20 @@ def compare(results: dict) -> str:
     questions = ours.get("questions", peer.get("questions"))
     lines = [f"{results['card']} · {results['date']} · {results['shape']} ({results['layers']} layers), 4-bit "
              f"g{results['group_size']} act-order, random weights · {questions} questions of {results['benchmark']} "
-             f"· batch {results['batch_size']} questions · `{results['command']}`", "",
-             "| side | seconds | tokens through the model | tok/s | peak GiB | load s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"· `{results['command']}`", "",
+             "| side | questions per batch | seconds | tokens through the model | tok/s | peak GiB | load s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["sides"].items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | |")
+            lines.append(f"| {name} | {r['batch_size']} | error: {r['error']} | | | | |")
         else:
-            lines.append(f"| {name} | {r['seconds']} | {r['tokens_through_model']} | {r['tokens_per_s']} | "
-                         f"{r['peak_gib']} | {r['load_s']} |")
+            lines.append(f"| {name} | {r['batch_size']} | {r['seconds']} | {r['tokens_through_model']} | "
+                         f"{r['tokens_per_s']} | {r['peak_gib']} | {r['load_s']} |")
+    for name, r in results["sides"].items():
+        if "profile" in r:
+            p = r["profile"]
+            lines += ["", f"profile of one middle batch ({name}, {p['wall_ms']:.0f} ms): "
+                          + ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())]
     if "seconds" in ours and "seconds" in peer:
         same = sum(a == b for a, b in zip(ours["argmax"], peer["argmax"])) / len(ours["argmax"])
         gap = max(abs(a - b) for x, y in zip(ours["logprobs_head"], peer["logprobs_head"]) for a, b in zip(x, y))
@@ -203,9 +216,13 @@ def main(argv=None) -> None:
     timing.add_argument("--out", type=Path, default=Path("runs/eval-speed"))
     timing.add_argument("--shape", choices=("llama2-70b", "tiny"), default="llama2-70b")
     timing.add_argument("--layers", type=int, default=80)
-    timing.add_argument("--batch-size", type=int, default=16, help="questions per batch, both sides")
+    timing.add_argument("--batch-size", type=int, default=64, help="ours: questions per batch")
+    timing.add_argument("--peer-batch-size", type=int, default=16,
+                        help="peer: questions per batch (x options sequences; 16 measured fastest, 64 slower)")
     timing.add_argument("--sides", nargs="+", choices=("ours", "peer"), default=["ours", "peer"])
     timing.add_argument("--peer-backend", default="auto", help="gptqmodel backend (auto: its fastest inference kernel)")
+    timing.add_argument("--limit", type=int, default=None, help="only the first N questions of the token file")
+    timing.add_argument("--profile", action="store_true", help="profile one batch of each side by kernel class")
     timing.add_argument("--device", default="cuda:0")
     timing.add_argument("--checkpoint", default=None, help="random checkpoint folder (written if missing)")
     args = parser.parse_args(argv)
@@ -227,16 +244,18 @@ def main(argv=None) -> None:
     results = {"card": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "layers": args.layers,
                "group_size": config.group_size, "benchmark": json.loads(args.tokens.read_text())["benchmark"],
-               "batch_size": args.batch_size,
+               "limit": args.limit,
                "command": " ".join(["python -m finetune.eval_speed_benchmark"] + (argv or sys.argv[1:])), "sides": {}}
     earlier = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
-    if all(earlier.get(k) == results[k] for k in ("card", "date", "shape", "layers", "benchmark", "batch_size")):
+    if all(earlier.get(k) == results[k] for k in ("card", "date", "shape", "layers", "benchmark", "limit")):
         results["sides"] = earlier["sides"]  # `--sides ours` then `--sides peer` (two commands) make one table
-    spec = {"checkpoint": str(checkpoint), "tokens": str(args.tokens.resolve()), "device": args.device,
-            "batch_size": args.batch_size, "bits": 4, "peer_backend": args.peer_backend}
+    spec = {"checkpoint": str(checkpoint), "tokens": str(args.tokens.resolve()), "device": args.device, "bits": 4, "peer_backend": args.peer_backend, "limit": args.limit,
+            "profile": args.profile}
     with open(args.out / "log.txt", "a") as log:
         for side in args.sides:
-            results["sides"][side] = run_side(spec | {"side": side}, log)
+            batch_size = args.batch_size if side == "ours" else args.peer_batch_size
+            results["sides"][side] = run_side(spec | {"side": side, "batch_size": batch_size}, log) | {
+                "batch_size": batch_size}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = compare(results)
     (args.out / "table.md").write_text(table + "\n")

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, TrainerCallback, set_seed
 from . import chatml
 from .answers import parse_answer
 from .medical_data import QAItem, QASplit, load_benchmark
-from .recipe import RecipeError
+from .recipe import RecipeError, check_gpu_extra
 from .scoring import OptionRequest, generate_texts, majority_vote, score_options, wilson_interval
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "eval" / "benchmarks.yaml"
@@ -186,6 +186,9 @@ def load_model_and_tokenizer(cfg: DictConfig, source: str | Path, model_dir: Pat
     chatml.prepare_tokenizer(tokenizer)  # a no-op on a tokenizer saved by training
     dtype = getattr(torch, cfg.eval.dtype) if cfg.eval.dtype else None
     model = load_model(source, revision=cfg.model.revision, dtype=dtype)
+    if model.device.type == "cuda" and cfg.gpu.fast_path:
+        from .fast_training import apply_liger
+        apply_liger(model)  # fused RoPE/RMSNorm/SwiGLU: 10 % less time at 70B shape (eval/BENCHMARKS.md)
     if adapter is not None:
         model = attach_adapter(model, adapter.path)
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -350,6 +353,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     from .gptq.loader import resolve_source
     from .sft import model_source
     specs = check_settings(cfg)
+    check_gpu_extra(cfg, on_gpu=torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     if (out_dir / "summary.json").exists():
         raise EvalError(f"output_dir {out_dir} already holds an evaluation (summary.json); pass a new output_dir=...")
