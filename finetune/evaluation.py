@@ -330,7 +330,9 @@ class SliceAccuracyCallback(TrainerCallback):
             records = predict_loglik(model, self.trainer.processing_class, self.items, self.batch_size,
                                      self.system, desc=f"eval {self.benchmark}")
         model.train(was_training)
+        should_log = control.should_log  # trainer.log clears it, which would drop this step's loss log
         self.trainer.log({f"eval/{self.benchmark}_accuracy": sum(r["correct"] for r in records) / len(records)})
+        control.should_log = should_log
 
 
 # --- a whole evaluation ---------------------------------------------------------------------------------------------

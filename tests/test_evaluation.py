@@ -256,9 +256,14 @@ def smoke_run(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
-    _, log_history = smoke_run
+    run_dir, log_history = smoke_run
     logged = {e["step"]: e["eval/pubmedqa_smoke_accuracy"] for e in log_history if "eval/pubmedqa_smoke_accuracy" in e}
     assert list(logged) == [2] and logged[2] in (0.0, 1 / 3, 2 / 3, 1.0)
+    # the evaluated step keeps its own loss log, and metrics.json carries both
+    assert [e["step"] for e in log_history if "loss" in e] == [1, 2]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["loss"]] == [1, 2]
+    assert [(e["step"], e["eval/pubmedqa_smoke_accuracy"]) for e in metrics["eval"]] == [(2, logged[2])]
 
 
 def test_adapter_of_another_base_is_refused_before_loading(smoke_run, tmp_path):
