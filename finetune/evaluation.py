@@ -68,7 +68,8 @@ def check_settings(cfg: DictConfig) -> list[BenchmarkSpec]:
     ev = cfg.eval
     if ev.mode not in MODES:
         raise EvalError(f"eval.mode={ev.mode!r} is not one of {', '.join(MODES)}")
-    for key, value in {"eval.batch_size": ev.batch_size, "eval.max_new_tokens": ev.max_new_tokens,
+    for key, value in {"eval.batch_size": ev.batch_size if ev.batch_size is not None else 1,
+                       "eval.max_new_tokens": ev.max_new_tokens,
                        "eval.sc.k": ev.sc.k, "eval.limit": ev.limit if ev.limit is not None else 1}.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise EvalError(f"{key}={value!r} must be an integer of at least 1")
@@ -86,6 +87,12 @@ def check_settings(cfg: DictConfig) -> list[BenchmarkSpec]:
         raise EvalError(f"unknown benchmark {unknown[0]!r} in eval.benchmarks; pick from {', '.join(specs)} "
                         f"(or add it to {BENCHMARKS_FILE})")
     return [specs[name] for name in dict.fromkeys(ev.benchmarks)]
+
+
+def batch_size(cfg: DictConfig) -> int:
+    """eval.batch_size, or when it is null: 64 questions on a GPU (fastest measured at 70B, 49 GiB; see
+    eval/BENCHMARKS.md), 8 on the CPU (as fast per question there, and the progress bar moves)."""
+    return cfg.eval.batch_size or (64 if torch.cuda.is_available() else 8)
 
 
 def load_items(spec: BenchmarkSpec, cfg: DictConfig, limit: int | None) -> tuple[QASplit, list[QAItem]]:
@@ -261,11 +268,11 @@ def predict(model, tokenizer, items: list[QAItem], cfg: DictConfig, desc: str) -
     ev, system = cfg.eval, cfg.data.system_prompt
     with torch.inference_mode():
         if ev.mode == "loglik":
-            return predict_loglik(model, tokenizer, items, ev.batch_size, system, desc=desc)
+            return predict_loglik(model, tokenizer, items, batch_size(cfg), system, desc=desc)
         if ev.mode == "generate":
-            return predict_generate(model, tokenizer, items, ev.batch_size, ev.max_new_tokens, system, desc=desc)
+            return predict_generate(model, tokenizer, items, batch_size(cfg), ev.max_new_tokens, system, desc=desc)
         set_seed(ev.seed)  # per benchmark: its samples do not depend on which benchmarks ran before
-        return predict_generate(model, tokenizer, items, ev.batch_size, ev.max_new_tokens, system,
+        return predict_generate(model, tokenizer, items, batch_size(cfg), ev.max_new_tokens, system,
                                 k=ev.sc.k, temperature=ev.sc.temperature, desc=desc)
 
 

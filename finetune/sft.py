@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from trl import SFTConfig, SFTTrainer
 
 from . import chatml, load_model
-from .evaluation import SliceAccuracyCallback, training_slice
+from .evaluation import SliceAccuracyCallback, training_slice, batch_size as eval_batch_size
 from .gptq import GPTQLinear
 from .gptq.format import read_gptq_config
 from .gptq.loader import resolve_source
@@ -233,7 +233,7 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
     benchmark, items = prepared.eval_slice
     if items:
         trainer.add_callback(SliceAccuracyCallback(trainer, benchmark, items, cfg.eval.during_training.every_n_steps,
-                                                   cfg.eval.batch_size, cfg.data.system_prompt))
+                                                   eval_batch_size(cfg), cfg.data.system_prompt))
     trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
     save_adapter(trainer, run_dir)
     return trainer
