@@ -16,6 +16,7 @@ slice of a benchmark every N training steps.
 import hashlib
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,6 +319,21 @@ def training_slice(cfg: DictConfig) -> tuple[str, list[QAItem]]:
     return during.benchmark, load_items(specs[during.benchmark], cfg, during.n_items)[1]
 
 
+@contextmanager
+def sdpa_attention(model):
+    """The model attends through sdpa inside the block: scoring passes a 4D tree mask, which the flex attention
+    that packed training uses (finetune.fast_training) does not take."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    if previous != "sdpa":
+        base.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        if previous != "sdpa":
+            base.set_attn_implementation(previous)
+
+
 class SliceAccuracyCallback(TrainerCallback):
     """Every `every_n_steps` optimiser steps, the log-likelihood accuracy of the model in training on a fixed
     slice, logged through the trainer as `eval/<benchmark>_accuracy` (so wandb and the log history get it)."""
@@ -333,7 +349,7 @@ class SliceAccuracyCallback(TrainerCallback):
         model = self.trainer.model
         was_training = model.training
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_attention(model):
             records = predict_loglik(model, self.trainer.processing_class, self.items, self.batch_size,
                                      self.system, desc=f"eval {self.benchmark}")
         model.train(was_training)

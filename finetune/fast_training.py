@@ -7,6 +7,9 @@ What it does, each kept because it measured faster (eval/BENCHMARKS.md):
   the adapter computed *before* the base matmul. That order matters: non-reentrant checkpointing stops
   recomputing a layer once it has every tensor the backward needs, and nothing after down_proj's adapter is
   needed, so the recompute skips down_proj's base matmul, a quarter of a layer's FLOPs;
+- packed rows (several examples per row, padding-free) attend through flex attention with a block mask per
+  example: sdpa would run the full masked row (4x the attention time of train.py at 70B shape); a single sequence
+  per row keeps sdpa's causal flash kernel;
 - selective recompute: only as many decoder layers recompute as the memory budget requires; when even
   recomputing every layer does not fit (long contexts), layer inputs wait in pinned host memory, copied on a
   side stream so the copies overlap compute.
@@ -29,12 +32,13 @@ OFFLOAD_MIN_BYTES = 2 ** 20  # smaller saved tensors (position ids, checkpoint's
 
 
 def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_gib: float | None = None,
-                         liger: bool = True, fused_loss: bool = True) -> dict:
+                         liger: bool = True, fused_loss: bool = True, packed: bool = False) -> dict:
     """Make a PEFT LoRA model over GPTQLinear layers train fast on its GPU; returns what was done.
 
     seq_len: tokens per step (the packed sequence length); memory_budget_gib: peak GPU memory to plan
     recompute for (default 90% of the card); fused_loss: liger's fused linear-cross-entropy (off when the trainer
-    fuses lm_head and loss itself, as TRL's SFTTrainer does). Call after `get_peft_model` and before the optimizer's first step;
+    fuses lm_head and loss itself, as TRL's SFTTrainer does); packed: rows hold several examples told apart by
+    their position_ids (flex attention). Call after `get_peft_model` and before the optimizer's first step;
     the plan assumes AdamW (two fp32 moments per trainable parameter). Calling again re-plans for a new length."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise ValueError("enable_fast_training needs the model on a CUDA GPU; on CPU train without it")
@@ -61,7 +65,9 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     scale = seq_len / min(seq_len, MEASURE_TOKENS)
     plan = plan_recompute(len(layers), *(round(s * scale) for s in sizes), free_bytes=budget - static - MARGIN_BYTES)
     apply_plan(layers, plan, hooks)
-    report.update(layers=len(layers), keep=plan.keep, recompute=len(layers) - plan.keep, offload=plan.offload,
+    if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
+        base.set_attn_implementation("flex_attention")
+    report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, recompute=len(layers) - plan.keep, offload=plan.offload,
                   budget_gib=round(budget / GIB, 1),
                   planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
                   layer_activations_mib=round(sizes[1] * scale / 2 ** 20),

@@ -209,7 +209,8 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
         from .fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
-                                    memory_budget_gib=cfg.gpu.memory_budget_gib)
+                                    memory_budget_gib=cfg.gpu.memory_budget_gib,
+                                    packed=cfg.train.get("packing", False))
         trainer.accelerator.print(f"fast GPU path: {plan}")
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig
 
 from finetune import chatml, eval_speed_benchmark, load_model
-from finetune.evaluation import EvalError, benchmark_specs, evaluate, load_items, loglik_requests, prepare
+from finetune.evaluation import (EvalError, benchmark_specs, evaluate, load_items, loglik_requests, prepare,
+                                 sdpa_attention)
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.medical_data import default_data_root
@@ -253,6 +254,19 @@ def smoke_run(tmp_path_factory) -> tuple[Path, list[dict]]:
                                    "eval.during_training.benchmark=pubmedqa_smoke", "eval.during_training.n_items=3"])
     trainer = sft.train(cfg, command="test")
     return run_dir, trainer.state.log_history
+
+
+def test_slice_scoring_switches_to_sdpa_and_back(tiny_gptq):
+    # packed GPU training attends through flex attention, which takes no 4D tree mask: scoring runs under sdpa
+    model = load_model(tiny_gptq)
+    requests = [OptionRequest([1, 2, 3, 4], [[5], [6, 7]])]
+    reference = option_logprobs(model, requests)  # sdpa: the loader's default
+    model.set_attn_implementation("eager")  # stands for flex: another implementation, which reads the mask otherwise
+    with sdpa_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+        inside = option_logprobs(model, requests)
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(torch.tensor(inside), torch.tensor(reference))
 
 
 def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
