@@ -54,7 +54,9 @@ class RunReport(TrainerCallback):
     def write(self, log_history: list[dict]) -> None:
         steps = [entry for entry in log_history if "loss" in entry]
         summary = next((entry for entry in reversed(log_history) if "train_runtime" in entry), {})
-        evals = [entry for entry in log_history if any(key.startswith("eval/") for key in entry)]
+        # an eval log entry also carries what TRL adds to every log (entropy, token accuracy): keep the eval's own
+        evals = [{k: v for k, v in entry.items() if k.startswith("eval/") or k in ("step", "epoch")}
+                 for entry in log_history if any(key.startswith("eval/") for key in entry)]
         metrics = {"loss": [{k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")
                              if k in entry} for entry in steps],
                    "eval": evals, "summary": summary, "data": self.data_report}

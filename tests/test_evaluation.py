@@ -278,6 +278,7 @@ def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["step"] for e in metrics["loss"]] == [1, 2]
     assert [(e["step"], e["eval/pubmedqa_smoke_accuracy"]) for e in metrics["eval"]] == [(2, logged[2])]
+    assert set(metrics["eval"][0]) == {"step", "epoch", "eval/pubmedqa_smoke_accuracy"}
 
 
 def test_adapter_of_another_base_is_refused_before_loading(smoke_run, tmp_path):
