@@ -1,7 +1,8 @@
 """Evaluation speed on one GPU: MedQA 4-option in full, log-likelihood, on Llama-2-70B shape (random GPTQ weights,
-4-bit, group 128, act-order): our scorer (one row per question: the prompt once, its four answers after it under a
-tree attention mask) against per-option full sequences through the peer stack (transformers + optimum +
-gptqmodel), in the same run and card.
+4-bit, group 128, act-order): our scorer as evaluate.py runs it on a GPU (one row per question: the prompt once, its
+four answers after it under a tree attention mask; liger kernels; 64 questions per batch) against per-option full
+sequences through the peer stack (transformers + optimum + gptqmodel, 16 questions per batch), in the same run and
+card.
 
     # here, where the benchmark files and SmolLM2's tokenizer are (runs/ is git-ignored: carry it along)
     python -m finetune.eval_speed_benchmark tokens --out runs/eval-speed/medqa4.json
