@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import chatml
 from .artifact_cache import package_versions as installed_versions
-from .evaluation import batch_size
+from .evaluation import eval_batch_size
 from .run_report import write_atomic
 
 PACKAGES = ("meditron-finetune", "torch", "transformers", "peft", "accelerate", "trl", "datasets", "tokenizers",
@@ -94,7 +94,7 @@ def build_manifest(prepared, model, command: str) -> dict:
     """What the evaluation ran: model, adapter, template, seeds, decoding, data files, versions (prepared:
     finetune.evaluation.Prepared)."""
     cfg, ev, adapter = prepared.cfg, prepared.cfg.eval, prepared.adapter
-    decoding = {"mode": ev.mode, "batch_size": batch_size(cfg)}
+    decoding = {"mode": ev.mode, "batch_size": eval_batch_size(cfg)}
     if ev.mode != "loglik":
         decoding.update(max_new_tokens=ev.max_new_tokens, stop=chatml.IM_END)
         if ev.mode == "generate":

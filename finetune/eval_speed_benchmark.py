@@ -250,8 +250,8 @@ def main(argv=None) -> None:
     earlier = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
     if all(earlier.get(k) == results[k] for k in ("card", "date", "shape", "layers", "benchmark", "limit")):
         results["sides"] = earlier["sides"]  # `--sides ours` then `--sides peer` (two commands) make one table
-    spec = {"checkpoint": str(checkpoint), "tokens": str(args.tokens.resolve()), "device": args.device, "bits": 4, "peer_backend": args.peer_backend, "limit": args.limit,
-            "profile": args.profile}
+    spec = {"checkpoint": str(checkpoint), "tokens": str(args.tokens.resolve()), "device": args.device, "bits": 4,
+            "peer_backend": args.peer_backend, "limit": args.limit, "profile": args.profile}
     with open(args.out / "log.txt", "a") as log:
         for side in args.sides:
             batch_size = args.batch_size if side == "ours" else args.peer_batch_size

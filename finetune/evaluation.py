@@ -90,7 +90,7 @@ def check_settings(cfg: DictConfig) -> list[BenchmarkSpec]:
     return [specs[name] for name in dict.fromkeys(ev.benchmarks)]
 
 
-def batch_size(cfg: DictConfig) -> int:
+def eval_batch_size(cfg: DictConfig) -> int:
     """eval.batch_size, or when it is null: 64 questions on a GPU (fastest measured at 70B, 49 GiB; see
     eval/BENCHMARKS.md), 8 on the CPU (as fast per question there, and the progress bar moves)."""
     return cfg.eval.batch_size or (64 if torch.cuda.is_available() else 8)
@@ -266,14 +266,14 @@ def predict_generate(model, tokenizer, items: list[QAItem], batch_size: int, max
 
 
 def predict(model, tokenizer, items: list[QAItem], cfg: DictConfig, desc: str) -> list[dict]:
-    ev, system = cfg.eval, cfg.data.system_prompt
+    ev, system, batch_size = cfg.eval, cfg.data.system_prompt, eval_batch_size(cfg)
     with torch.inference_mode():
         if ev.mode == "loglik":
-            return predict_loglik(model, tokenizer, items, batch_size(cfg), system, desc=desc)
+            return predict_loglik(model, tokenizer, items, batch_size, system, desc=desc)
         if ev.mode == "generate":
-            return predict_generate(model, tokenizer, items, batch_size(cfg), ev.max_new_tokens, system, desc=desc)
+            return predict_generate(model, tokenizer, items, batch_size, ev.max_new_tokens, system, desc=desc)
         set_seed(ev.seed)  # per benchmark: its samples do not depend on which benchmarks ran before
-        return predict_generate(model, tokenizer, items, batch_size(cfg), ev.max_new_tokens, system,
+        return predict_generate(model, tokenizer, items, batch_size, ev.max_new_tokens, system,
                                 k=ev.sc.k, temperature=ev.sc.temperature, desc=desc)
 
 

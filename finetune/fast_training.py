@@ -67,7 +67,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     apply_plan(layers, plan, hooks)
     if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
         base.set_attn_implementation("flex_attention")
-    report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, recompute=len(layers) - plan.keep, offload=plan.offload,
+    report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep,
+                  recompute=len(layers) - plan.keep, offload=plan.offload,
                   budget_gib=round(budget / GIB, 1),
                   planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
                   layer_activations_mib=round(sizes[1] * scale / 2 ** 20),

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from trl import SFTConfig, SFTTrainer
 
 from . import chatml, load_model
-from .evaluation import SliceAccuracyCallback, training_slice, batch_size as eval_batch_size
+from .evaluation import SliceAccuracyCallback, eval_batch_size, training_slice
 from .gptq import GPTQLinear
 from .gptq.format import read_gptq_config
 from .gptq.loader import resolve_source

@@ -94,7 +94,8 @@ def time_training(model, seq_len: int, steps: int, warmup: int, data_parallel: b
         losses.append(training_step(model, optimizer, tokens).item())  # .item() synchronises
         times.append(time.perf_counter() - start)
     timed = times[warmup:]
-    return {"tokens_per_s": round(processes * seq_len * len(timed) / sum(timed), 1), "processes": processes, "step_s": [round(t, 3) for t in times],
+    return {"tokens_per_s": round(processes * seq_len * len(timed) / sum(timed), 1), "processes": processes,
+            "step_s": [round(t, 3) for t in times],
             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2), "losses": [round(x, 4) for x in losses],
             "optimizer": optimizer, "tokens": tokens}
