@@ -187,6 +187,8 @@ def test_self_consistency_same_seed_same_predictions(tiny_gptq, tmp_path):
     (["eval.benchmarks=[pubmedqa,mmlu]"], "unknown benchmark 'mmlu' in eval.benchmarks; pick from pubmedqa, medmcqa"),
     (["eval.mode=beam"], "eval.mode='beam' is not one of loglik, generate, sc"),
     (["eval.limit=0"], "eval.limit=0 must be an integer of at least 1"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be an integer of at least 1"),  # null (auto) is the default
+    (["eval.batch_size=many"], "eval.batch_size='many' must be an integer of at least 1"),
     (["eval.mode=sc", "eval.sc.temperature=0"], "eval.sc.temperature=0 must be > 0"),
     (["eval.benchmarks=[medqa4]", "data.data_root=/nowhere"],
      "benchmark medqa4: medqa4 test: /nowhere/medqa/US/4_options/phrases_no_exclude_test.jsonl not found"),
