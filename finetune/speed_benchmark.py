@@ -60,7 +60,8 @@ def build_model(side: str, spec: dict):
     from finetune.fast_training import enable_fast_training
     from finetune.gptq.loader import load_model
     model = get_peft_model(load_model(spec["checkpoint"]), lora)  # this process's GPU (cuda:0 alone)
-    return model, enable_fast_training(model, seq_len=spec["seq_len"], memory_budget_gib=spec.get("budget"))
+    return model, enable_fast_training(model, seq_len=spec["seq_len"], memory_budget_gib=spec.get("budget"),
+                                       host_memory_gib=spec.get("host_memory_gib"))
 
 
 def training_step(model, optimizer, tokens: torch.Tensor) -> float:
@@ -101,7 +102,8 @@ def time_training(model, seq_len: int, steps: int, warmup: int, data_parallel: b
             "optimizer": optimizer, "tokens": tokens}
 
 
-KERNEL_CLASSES = [("dequantise", re.compile(r"dequant", re.I)),
+KERNEL_CLASSES = [("host copy", re.compile(r"Memcpy (DtoH|HtoD)")),  # on a side stream, overlapping compute
+                  ("dequantise", re.compile(r"dequant", re.I)),
                   ("attention", re.compile(r"flash|fmha|attention|attn", re.I)),
                   ("GEMM", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|gemv|splitk", re.I))]
 
@@ -115,7 +117,7 @@ def profile_gpu(work) -> dict:
         work()
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
-    classes, kernels = {"GEMM": 0.0, "dequantise": 0.0, "attention": 0.0, "other": 0.0}, {}
+    classes, kernels = {"GEMM": 0.0, "dequantise": 0.0, "attention": 0.0, "other": 0.0, "host copy": 0.0}, {}
     for event in prof.key_averages():
         ms = event.self_device_time_total / 1e3
         if ms <= 0:
@@ -123,7 +125,7 @@ def profile_gpu(work) -> dict:
         kind = next((name for name, pattern in KERNEL_CLASSES if pattern.search(event.key)), "other")
         classes[kind] += ms
         kernels[event.key[:90]] = kernels.get(event.key[:90], 0) + ms
-    busy = sum(classes.values())
+    busy = sum(ms for kind, ms in classes.items() if kind != "host copy")  # compute; copies overlap it
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
     return {"wall_ms": round(wall_ms, 1), "busy_ms": round(busy, 1),
             "share": {k: round(v / wall_ms, 3) for k, v in classes.items()} | {"idle": round(1 - busy / wall_ms, 3)},
@@ -150,10 +152,12 @@ def longest_case(spec: dict) -> dict:
     fits = {}
     for seq_len in spec["lengths"]:
         try:
-            plan = enable_fast_training(model, seq_len=seq_len, memory_budget_gib=spec.get("budget"))
+            plan = enable_fast_training(model, seq_len=seq_len, memory_budget_gib=spec.get("budget"),
+                                        host_memory_gib=spec.get("host_memory_gib"))
             timing = time_training(model, seq_len, steps=1, warmup=0)
             fits[seq_len] = {"ok": True, "peak_gib": timing["peak_gib"], "step_s": timing["step_s"][0],
-                             "plan": {k: plan[k] for k in ("keep", "recompute", "offload", "planned_peak_gib")}}
+                             "plan": {k: plan[k] for k in ("keep", "host", "recompute", "offload",
+                                                           "planned_peak_gib")}}
             del timing  # its optimizer's moments must not count as model memory in the next plan
         except torch.OutOfMemoryError as err:
             fits[seq_len] = {"ok": False, "error": str(err).splitlines()[0][:160]}
@@ -221,6 +225,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budgets", nargs="*", default=["auto"],
                         help="memory budgets (GiB) to run ours at; 'auto' = 90%% of the card")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="pinned host memory ours may keep activations in (default: a quarter of the machine's; "
+                             "0: none)")
     parser.add_argument("--longest", type=int, nargs="*", default=[], help="sequence lengths to try, ascending")
     parser.add_argument("--gpus", type=int, default=1,
                         help="also run ours at the first budget data-parallel on this many GPUs (accelerate launch)")
@@ -239,6 +246,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = {"checkpoint": checkpoint, "layers": args.layers, "bits": args.bits, "group_size": args.group_size,
               "act_order": args.act_order, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+              "host_memory_gib": args.host_memory_gib,
               "linear_params": args.layers * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)}
     results = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "config": tag,
                "command": " ".join(["python -m finetune.speed_benchmark"] + (argv or sys.argv[1:])), "cases": {}}
@@ -280,8 +288,8 @@ def format_table(results: dict) -> str:
             lines.append(f"| {name} | error: {r['error']} | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / peer:.2f}" if peer else "–"
-        fast = r["fast_path"] and f"keep {r['fast_path']['keep']}, recompute {r['fast_path']['recompute']} " \
-                                  f"(offload {r['fast_path']['offload']})"
+        fast = r["fast_path"] and (f"keep {r['fast_path']['keep']}, host {r['fast_path'].get('host', 0)}, "
+                                   f"recompute {r['fast_path']['recompute']} (offload {r['fast_path']['offload']})")
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tflops']} | {r['peak_gib']} ({r['reserved_gib']}) "
                      f"| {ratio} | {fast or 'peer config'} |")
     for name, r in results["cases"].items():
