@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, TrainerCallback, set_seed
 from . import chatml
 from .answers import parse_answer
 from .medical_data import QAItem, QASplit, load_benchmark
-from .recipe import RecipeError, check_gpu_extra
+from .recipe import RecipeError, check_gpu_settings
 from .scoring import OptionRequest, generate_texts, majority_vote, score_options, wilson_interval
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "eval" / "benchmarks.yaml"
@@ -378,7 +378,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     from .gptq.loader import resolve_source
     from .sft import model_source
     specs = check_settings(cfg)
-    check_gpu_extra(cfg, on_gpu=torch.cuda.is_available())
+    check_gpu_settings(cfg, on_gpu=torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     if (out_dir / "summary.json").exists():
         raise EvalError(f"output_dir {out_dir} already holds an evaluation (summary.json); pass a new output_dir=...")

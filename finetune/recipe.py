@@ -160,8 +160,13 @@ def check_run_dir(cfg: DictConfig) -> Path | None:
     return None
 
 
-def check_gpu_extra(cfg: DictConfig, on_gpu: bool) -> None:
-    """gpu.fast_path on a GPU uses liger-kernel, the `gpu` extra: missing, fail now rather than after loading."""
+def check_gpu_settings(cfg: DictConfig, on_gpu: bool) -> None:
+    """The `gpu` settings, checked before loading: memory sizes are numbers or null; gpu.fast_path on a GPU uses
+    liger-kernel, the `gpu` extra."""
+    for key in ("memory_budget_gib", "host_memory_gib"):
+        value = cfg.gpu[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise RecipeError(f"gpu.{key}={value!r} should be a number of GiB >= 0, or null for the default")
     if on_gpu and cfg.gpu.fast_path and importlib.util.find_spec("liger_kernel") is None:
         raise RecipeError("gpu.fast_path=true needs liger-kernel on a GPU machine: pip install -e '.[gpu]' (or "
                           "gpu.fast_path=false for the plain path)")

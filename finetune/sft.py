@@ -33,7 +33,7 @@ from .gptq.format import read_gptq_config
 from .gptq.loader import resolve_source
 from .medical_data import load_benchmark
 from .memory import ModelShape, estimate_lora_training_memory
-from .recipe import CHECKPOINTS, RecipeError, check_gpu_extra, check_run_dir
+from .recipe import CHECKPOINTS, RecipeError, check_gpu_settings, check_run_dir
 from .run_report import RunReport, save_adapter, save_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ def check_scheduler(args: SFTConfig) -> None:
 def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
-    check_gpu_extra(cfg, on_gpu=PartialState().device.type == "cuda")
+    check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
     source = model_source(cfg)
     model_dir = check_model(cfg, source)
@@ -210,6 +210,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         from .fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
                                     memory_budget_gib=cfg.gpu.memory_budget_gib,
+                                    host_memory_gib=cfg.gpu.host_memory_gib,
                                     packed=cfg.train.get("packing", False))
         trainer.accelerator.print(f"fast GPU path: {plan}")
     head = trainer.model.get_output_embeddings()

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune import sft
-from finetune.recipe import (RecipeError, available_recipes, check_gpu_extra, check_run_dir, compose_recipe, split_args,
+from finetune.recipe import (RecipeError, available_recipes, check_gpu_settings, check_run_dir, compose_recipe, split_args,
                              usage)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,9 +120,16 @@ def test_gpu_fast_path_without_the_gpu_extra_fails_before_loading():
     cfg = compose_recipe("smoke")
     with pytest.raises(RecipeError, match=r"^gpu.fast_path=true needs liger-kernel on a GPU machine: pip install "
                                           r"-e '.\[gpu\]' \(or gpu.fast_path=false"):
-        check_gpu_extra(cfg, on_gpu=True)
-    check_gpu_extra(cfg, on_gpu=False)  # the CPU path needs no extra
-    check_gpu_extra(compose_recipe("smoke", ["gpu.fast_path=false"]), on_gpu=True)
+        check_gpu_settings(cfg, on_gpu=True)
+    check_gpu_settings(cfg, on_gpu=False)  # the CPU path needs no extra
+    check_gpu_settings(compose_recipe("smoke", ["gpu.fast_path=false"]), on_gpu=True)
+
+
+@pytest.mark.parametrize("key, value, shown", [("host_memory_gib", "lots", "'lots'"), ("memory_budget_gib", "-1", "-1")])
+def test_gpu_memory_sizes_are_checked_before_loading(key, value, shown):
+    with pytest.raises(RecipeError, match=rf"^gpu\.{key}={shown} should be a number of GiB >= 0, or null for the"):
+        check_gpu_settings(compose_recipe("smoke", [f"gpu.{key}={value}"]), on_gpu=False)
+    check_gpu_settings(compose_recipe("smoke", [f"gpu.{key}=24"]), on_gpu=False)
 
 
 def test_lora_targets_are_checked_against_the_model():
