@@ -27,17 +27,18 @@ class _Layer:
 
 
 class _HostCopy:
-    __slots__ = ("host", "device", "on_device", "layer", "unpacks_left")
+    __slots__ = ("host", "pool_key", "device", "on_device", "layer", "unpacks_left")
 
-    def __init__(self, host, device, layer):
-        self.host, self.device, self.on_device, self.layer, self.unpacks_left = host, device, None, layer, 0
+    def __init__(self, host, pool_key, device, layer):
+        self.host, self.pool_key, self.device, self.on_device = host, pool_key, device, None
+        self.layer, self.unpacks_left = layer, 0
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self):
         super().__init__(self._pack, self._unpack)
         self.stream = None
-        self.pool = defaultdict(list)  # (shape, stride, dtype) -> free pinned buffers
+        self.pool = defaultdict(list)  # (shape, stride, dtype) of the saved tensor -> free pinned buffers
         self.layer = None  # the block being run forward
         self.last = None  # the block run before it
 
@@ -65,14 +66,16 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         copy = self.layer.saved.get(key, (None, None))[0]
         if copy is None:
             self.stream = self.stream or torch.cuda.Stream(tensor.device)
-            free = self.pool[(tensor.shape, tensor.stride(), tensor.dtype)]
-            # empty_like keeps the strides of a dense tensor: the backward gets the layout it saved
+            # keyed by the saved tensor's layout, not the buffer's: empty_like keeps the strides of a dense tensor
+            # (the backward gets the layout it saved) and makes others contiguous
+            pool_key = (tensor.shape, tensor.stride(), tensor.dtype)
+            free = self.pool[pool_key]
             host = free.pop() if free else torch.empty_like(tensor, device="cpu", pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor, non_blocking=True)
             tensor.record_stream(self.stream)  # its memory is reused only after the copy
-            copy = _HostCopy(host, tensor.device, self.layer)
+            copy = _HostCopy(host, pool_key, tensor.device, self.layer)
             self.layer.copies.append(copy)
             self.layer.saved[key] = (copy, tensor)
         copy.unpacks_left += 1
@@ -92,14 +95,14 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         tensor = copy.on_device
         copy.unpacks_left -= 1
         if copy.unpacks_left == 0:  # the buffer's next copy-in is queued behind this copy-out, same stream
-            self.pool[(copy.host.shape, copy.host.stride(), copy.host.dtype)].append(copy.host)
+            self.pool[copy.pool_key].append(copy.host)
             copy.host = copy.on_device = None
         return tensor
 
     def _fetch(self, layer: _Layer):
         if layer.ready is not None:
             return
-        pending = [c for c in layer.copies if c.host is not None and c.on_device is None]
+        pending = [c for c in layer.copies if c.host is not None]  # not yet unpacked for good
         if not pending:
             return
         device = pending[0].device
