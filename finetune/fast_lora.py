@@ -28,18 +28,17 @@ def speed_up_lora(model: torch.nn.Module) -> int:
     projections are all eligible the lean MLP; returns how many projections. Modules with dropout or a LoRA
     variant (DoRA, ...) keep PEFT's forward."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    count = 0
+    lean = set()
     for module in model.modules():
         if (isinstance(module, LoraLinear) and isinstance(module.get_base_layer(), GPTQLinear)
                 and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())):
             module.forward = functools.partial(lean_lora_forward, module)
-            count += 1
+            lean.add(module)
     for module in model.modules():
-        projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if (all(isinstance(p, torch.nn.Module) and isinstance(p.forward, functools.partial) for p in projections)
+        if (all(getattr(module, name, None) in lean for name in ("gate_proj", "up_proj", "down_proj"))
                 and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")):
             module.forward = functools.partial(lean_mlp_forward, module)
-    return count
+    return len(lean)
 
 
 def adapter(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

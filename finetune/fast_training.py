@@ -67,7 +67,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     sizes = [round(b * scale) for b in (cost.input_bytes, cost.saved_bytes, cost.backward_bytes)]
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
     # the share of layers whose activations the link moves in the time the GPU runs them forward
-    host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1])
+    host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
     plan = plan_recompute(len(layers), *sizes, free_bytes=budget - static - MARGIN_BYTES, host_bytes=host_bytes,
                           host_share=host_share)
     apply_plan(layers, plan, hooks)

@@ -288,7 +288,7 @@ def format_table(results: dict) -> str:
             lines.append(f"| {name} | error: {r['error']} | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / peer:.2f}" if peer else "–"
-        fast = r["fast_path"] and (f"keep {r['fast_path']['keep']}, host {r['fast_path'].get('host', 0)}, "
+        fast = r["fast_path"] and (f"keep {r['fast_path']['keep']}, host {r['fast_path']['host']}, "
                                    f"recompute {r['fast_path']['recompute']} (offload {r['fast_path']['offload']})")
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tflops']} | {r['peak_gib']} ({r['reserved_gib']}) "
                      f"| {ratio} | {fast or 'peer config'} |")
