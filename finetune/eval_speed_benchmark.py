@@ -19,8 +19,6 @@ run too long, `--sides ours` and then `--sides peer` (same card, same day, same 
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 
@@ -90,6 +87,7 @@ def right_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 def full_sequence_logprobs(model, requests, pad_id: int) -> list[list[float]]:
     """The peer's way (lm-evaluation-harness's): every (question, option) as its own full sequence, prompt
     included, in one batch; logits only where an option token is predicted."""
+    from .scoring import per_request
     device = next(model.parameters()).device
     rows = [(r.prompt_ids, o) for r in requests for o in r.option_ids]
     ids, mask = right_padded([p + o for p, o in rows], pad_id, device)
@@ -101,11 +99,7 @@ def full_sequence_logprobs(model, requests, pad_id: int) -> list[list[float]]:
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=predicts).logits
     logprobs = logits.float().log_softmax(-1).gather(1, targets[predicts][:, None]).squeeze(1)
     sums = torch.zeros(len(rows), device=device).index_add(0, predicts.nonzero()[:, 0], logprobs).tolist()
-    out, start = [], 0
-    for r in requests:
-        out.append(sums[start:start + len(r.option_ids)])
-        start += len(r.option_ids)
-    return out
+    return per_request(sums, requests)
 
 
 def load_side(side: str, spec: dict):
@@ -163,17 +157,9 @@ def time_side(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------- orchestration
 
 def run_side(spec: dict, log) -> dict:
-    """One side in a fresh process; its result is the last `RESULT ` line it prints."""
-    env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                        "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "finetune.eval_speed_benchmark", "--worker", json.dumps(spec)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    log.write(f"\n===== {json.dumps(spec)}\n{proc.stdout}\n{proc.stderr}\n")
-    log.flush()
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:300]}
-    return json.loads(lines[-1][len("RESULT "):])
+    """One side in a fresh process."""
+    from .speed_benchmark import run_worker
+    return run_worker("finetune.eval_speed_benchmark", [json.dumps(spec)], log)
 
 
 def compare(results: dict) -> str:

@@ -81,9 +81,14 @@ def option_logprobs(model, requests: Sequence[OptionRequest], pad_id: int = 0) -
                                               torch.tensor(targets, device=device)]
     scores = torch.zeros(option_index, device=device, dtype=torch.float32)
     scores = scores.index_add(0, torch.tensor(owners, device=device), logprobs).tolist()
+    return per_request(scores, requests)
+
+
+def per_request(values: Sequence, requests: Sequence[OptionRequest]) -> list[list]:
+    """A flat list with one value per option, in request order, back into one list per request."""
     result, start = [], 0
     for r in requests:
-        result.append(scores[start:start + len(r.option_ids)])
+        result.append(list(values[start:start + len(r.option_ids)]))
         start += len(r.option_ids)
     return result
 

@@ -192,26 +192,32 @@ CASES = {"write": write_checkpoint, "train": train_case, "longest": longest_case
 
 # ------------------------------------------------------------------------------------------------ orchestration
 
-def run_case(kind: str, spec: dict, log) -> dict:
-    """One case in a fresh process (its own CUDA context and peak), result read from its last line."""
+def run_worker(module: str, args: list[str], log, env: dict | None = None, launcher=(sys.executable,)) -> dict:
+    """`python -m <module> --worker <args>` in a fresh process (its own CUDA context and peak); its result is the
+    last `RESULT ` line it prints, or {"error": its last line on stderr}. The whole output goes to `log`."""
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                        "TOKENIZERS_PARALLELISM": "false"}
-    if spec.get("side") != "peer":  # part of our path: no fragmentation at long lengths
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    launcher = [sys.executable]
-    if spec.get("processes", 1) > 1:  # data parallel, launched as users launch train.py
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                    "--num_processes", str(spec["processes"]), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    start = time.perf_counter()
-    proc = subprocess.run([*launcher, "-m", "finetune.speed_benchmark", "--worker", kind, json.dumps(spec)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    log.write(f"\n===== {kind} {json.dumps(spec)}\n{proc.stdout}\n{proc.stderr}\n")
+                        "TOKENIZERS_PARALLELISM": "false"} | (env or {})
+    proc = subprocess.run([*launcher, "-m", module, "--worker", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    log.write(f"\n===== {' '.join(args)}\n{proc.stdout}\n{proc.stderr}\n")
     log.flush()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail[:300], "seconds": round(time.perf_counter() - start)}
-    return json.loads(lines[-1][len("RESULT "):]) | {"seconds": round(time.perf_counter() - start)}
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_case(kind: str, spec: dict, log) -> dict:
+    """One case in its own process, timed."""
+    # part of our path: no fragmentation at long lengths
+    env = {} if spec.get("side") == "peer" else {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    launcher = (sys.executable,)
+    if spec.get("processes", 1) > 1:  # data parallel, launched as users launch train.py
+        launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                    "--num_processes", str(spec["processes"]), "--mixed_precision", "no", "--dynamo_backend", "no")
+    start = time.perf_counter()
+    result = run_worker("finetune.speed_benchmark", [kind, json.dumps(spec)], log, env, launcher)
+    return result | {"seconds": round(time.perf_counter() - start)}
 
 
 def main(argv=None) -> None:
