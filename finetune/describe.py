@@ -13,7 +13,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse  # noqa: E402
 
-from finetune.checkpoint_info import describe_checkpoint, format_report  # noqa: E402
+from finetune.gptq.checkpoint_info import describe_checkpoint, format_report  # noqa: E402
 from finetune.gptq.format import GPTQFormatError  # noqa: E402
 
 

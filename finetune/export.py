@@ -6,7 +6,7 @@
         export.bits=4 export.group_size=128 export.desc_act=true export.parity_prompts=32
 
 Other options (key=value): export.overwrite, export.max_shard_size, export.sym, export.calibration_samples,
-export.parity_max_tokens, export.device, export.eval_summary, export.repo_id (see finetune/exporting.py).
+export.parity_max_tokens, export.device, export.eval_summary, export.repo_id (see finetune/release/exporter.py).
 Merged and gptq exports get parity.json: KL and top-1 agreement against the adapter on its GPTQ base.
 """
 
@@ -16,10 +16,10 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # this folder must not shadow libraries (datasets, evaluate, ...)
 
-from finetune.cli_config import compose_config  # noqa: E402
-from finetune.exporting import ExportConfig, export  # noqa: E402
+from finetune.config.cli import compose_config  # noqa: E402
+from finetune.config.recipe import RecipeError  # noqa: E402
 from finetune.gptq import GPTQFormatError  # noqa: E402
-from finetune.recipe import RecipeError  # noqa: E402
+from finetune.release.exporter import ExportConfig, export  # noqa: E402
 
 
 def main(args: list[str]) -> int:

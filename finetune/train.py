@@ -15,9 +15,9 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import shlex  # noqa: E402
 
-from finetune import sft  # noqa: E402
+from finetune.config.recipe import RecipeError, compose_recipe, split_args, usage  # noqa: E402
 from finetune.gptq import GPTQFormatError  # noqa: E402
-from finetune.recipe import RecipeError, compose_recipe, split_args, usage  # noqa: E402
+from finetune.training import sft  # noqa: E402
 
 
 def main(args: list[str]) -> int:

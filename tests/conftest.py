@@ -2,7 +2,6 @@
 of them collect fast."""
 
 import pytest
-
 from gptq_fixtures import ALL_GPTQ, gptq_dir, tiny_llama_dir
 
 

@@ -12,11 +12,13 @@ from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from finetune import chatml, load_model, sft
+from finetune import load_model
+from finetune.config.recipe import compose_recipe
+from finetune.data import chatml
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
-from finetune.recipe import compose_recipe
-from finetune.run_report import save_config
+from finetune.training import sft
+from finetune.training.run_report import save_config
 
 
 def byte_bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.artifact_cache import cached_dir
+from finetune import REPO_ROOT
+from finetune.models.cache import cached_dir
 
 # Every in/out feature count is a multiple of 32 so that all bit widths pack whole words; hidden 256 gives
 # g128 two groups (four in down_proj) and g32 eight.
@@ -43,7 +44,8 @@ def _tiny_tokenizer(texts: list[str]):
 
 def _build_tiny_llama(out_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from finetune.smollm2 import BUILTIN_CALIBRATION
+
+    from finetune.models.builtin import BUILTIN_CALIBRATION
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(torch.float16)
     model.save_pretrained(out_dir)
@@ -64,7 +66,8 @@ def tiny_calibration_texts(tokenizer) -> list[str]:
 
 def tiny_gptq_dir(name: str) -> Path:
     from transformers import AutoTokenizer
-    from finetune.quantize import quantize_to_gptq
+
+    from finetune.models.quantize import quantize_to_gptq
     bits, group_size, desc_act = TINY_GPTQ[name]
     source = tiny_llama_dir()
     texts = tiny_calibration_texts(AutoTokenizer.from_pretrained(source))
@@ -79,6 +82,24 @@ def tiny_gptq_dir(name: str) -> Path:
 def gptq_dir(name: str) -> Path:
     """The checkpoint of one of ALL_GPTQ, built on first use."""
     if name == SMOLLM2_GPTQ:
-        from finetune.smollm2 import smollm2_gptq_dir
+        from finetune.models.builtin import smollm2_gptq_dir
         return smollm2_gptq_dir()
     return tiny_gptq_dir(name)
+
+
+def llama_style_tokenizer():
+    """A small Llama-2-style tokenizer (BPE with byte fallback, Metaspace, BOS) trained here on the smoke sample's
+    text, so it has no ChatML tokens -- like Meditron's -- and no newline token either (newlines are <0x0A>)."""
+    sample = json.loads((REPO_ROOT / "data" / "smoke_pubmedqa.json").read_text())
+    corpus = [text for row in sample.values() for text in [row["QUESTION"], *row["CONTEXTS"]]]
+    corpus.append("system question answer The answer is A. B. C. D. E. yes no maybe")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = model["vocab"] | {f"<0x{b:02X}>": len(model["vocab"]) + b for b in range(256)}
+    return LlamaTokenizer(vocab=vocab, merges=[tuple(merge) for merge in model["merges"]], add_bos_token=True)

@@ -33,8 +33,12 @@ def resolve_source(source: str | Path, revision: str | None = None, weights: boo
         raise GPTQFormatError(f"{source}: not a model directory nor a Hub repo id like 'owner/name'; "
                               "check the path")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, \
-        RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     patterns = METADATA_PATTERNS + (["*.safetensors"] if weights else [])
     try:
         return Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))

@@ -1,0 +1,239 @@
+"""The fast GPU training path for a PEFT-LoRA model over GPTQ layers: `enable_fast_training(model, seq_len=...)`.
+
+What it does, each kept because it measured faster (eval/BENCHMARKS.md):
+- liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear-cross-entropy (no [tokens, vocab] logits in memory);
+- LoRA without wasted work (`fast_lora`): no dropout op, bf16 adapter math, the adapter's update and its input
+  gradient added inside the base matmuls, one LoRA-A matmul for gate and up, an MLP that keeps no SwiGLU output,
+  and a recompute that stops before down_proj's base matmul;
+- packed rows (several examples per row, padding-free) attend through flex attention with a block mask per
+  example: sdpa would run the full masked row (4x the attention time of train.py at 70B shape); a single sequence
+  per row keeps sdpa's causal flash kernel;
+- selective recompute: as many decoder layers as fit keep their activations on the GPU; of the others, as many
+  as the host link can carry while the GPU computes keep them in pinned host memory (`host_offload`), and only
+  the rest recompute. When even recomputing every layer does not fit (long contexts), layer inputs wait in
+  pinned host memory.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..gptq.layer import GPTQLinear
+from .fast_lora import speed_up_lora
+from .host_offload import HostOffload
+
+GIB = 2 ** 30
+MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
+MARGIN_BYTES = 2 * GIB  # loss head, allocator slack
+
+
+def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_gib: float | None = None,
+                         host_memory_gib: float | None = None, liger: bool = True, fused_loss: bool = True,
+                         packed: bool = False) -> dict:
+    """Make a PEFT LoRA model over GPTQLinear layers train fast on its GPU; returns what was done.
+
+    seq_len: tokens per step (the packed sequence length); memory_budget_gib: peak GPU memory to plan
+    recompute for (default 90% of the card); host_memory_gib: pinned host memory that layers may keep their
+    activations in instead of recomputing (default a quarter of the machine's memory, shared among the processes
+    on it; 0: none); fused_loss: liger's fused linear-cross-entropy (off when the trainer
+    fuses lm_head and loss itself, as TRL's SFTTrainer does); packed: rows hold several examples told apart by
+    their position_ids (flex attention). Call after `get_peft_model` and before the optimizer's first step;
+    the plan assumes AdamW (two fp32 moments per trainable parameter). Calling again re-plans for a new length."""
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        raise ValueError("enable_fast_training needs the model on a CUDA GPU; on CPU train without it")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(model.parameters()).device
+    if liger:
+        apply_liger(base, fused_loss=fused_loss)
+    report = {"liger": getattr(base, "_liger_applied", False), "fast_lora_modules": speed_up_lora(model)}
+
+    layers = decoder_layers(base)
+    base.config.use_cache = False  # training keeps no KV cache
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x: non-reentrant by default
+        base.activation_checkpointing_enable()
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    budget = (memory_budget_gib * GIB if memory_budget_gib is not None
+              else 0.9 * torch.cuda.get_device_properties(device).total_memory)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    static = torch.cuda.memory_allocated(device) + 3 * trainable  # + grads and AdamW's two moments
+    hooks = getattr(base, "_host_offload", None) or HostOffload()
+    base._host_offload = hooks
+    apply_plan(layers, RecomputePlan(keep=len(layers), offload=0, bytes=0), hooks)  # measure the plain layer
+    cost = measure_layer(layers[len(layers) // 2], rotary_embedding(base), min(seq_len, MEASURE_TOKENS))
+    scale = seq_len / min(seq_len, MEASURE_TOKENS)
+    sizes = [round(b * scale) for b in (cost.input_bytes, cost.saved_bytes, cost.backward_bytes)]
+    host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
+    # the share of layers whose activations the link moves in the time the GPU runs them forward
+    host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
+    plan = plan_recompute(len(layers), *sizes, free_bytes=budget - static - MARGIN_BYTES, host_bytes=host_bytes,
+                          host_share=host_share)
+    apply_plan(layers, plan, hooks)
+    if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
+        base.set_attn_implementation("flex_attention")
+    report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, host=plan.host,
+                  recompute=len(layers) - plan.keep - plan.host, offload=plan.offload,
+                  budget_gib=round(budget / GIB, 1),
+                  planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
+                  host_gib=round(plan.host * sizes[1] / GIB, 1), host_share=round(host_share, 2),
+                  layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
+    return report
+
+
+def default_host_memory() -> float:
+    """A quarter of this machine's memory, shared among the training processes on it (accelerate sets
+    LOCAL_WORLD_SIZE)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / 4 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def host_link_bytes_per_s(device: torch.device, nbytes: int = 64 * 2 ** 20) -> float:
+    """GPU-to-pinned-host copy rate, measured."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        host.copy_(source, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return 3 * nbytes / (start.elapsed_time(end) / 1e3)
+
+
+def apply_liger(base: torch.nn.Module, fused_loss: bool = False) -> None:
+    """liger-kernel's fused RoPE, RMSNorm and SwiGLU (and, for training, its fused linear-cross-entropy) on a
+    transformers Llama-family model, once."""
+    if not getattr(base, "_liger_applied", False):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=fused_loss, cross_entropy=False)
+        base._liger_applied = True
+
+
+# -------------------------------------------------------------------------------------------------- recompute
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    keep: int  # the last `keep` layers keep their activations on the GPU
+    offload: int  # the first `offload` layers recompute from an input kept in host memory
+    bytes: int  # planned peak of activation memory on the GPU
+    host: int = 0  # layers, spread among those that do not keep, whose activations wait in host memory
+
+    def mode(self, index: int, n_layers: int) -> str:
+        if index >= n_layers - self.keep:
+            return "keep"
+        if index < self.offload:
+            return "offload"
+        rest = n_layers - self.keep  # spread: the link carries one layer while the next ones compute
+        return "host" if (index + 1) * self.host // rest > index * self.host // rest else "recompute"
+
+
+def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, free_bytes: float,
+                   host_bytes: float = 0, host_share: float = 0) -> RecomputePlan:
+    """How many layers may skip recompute, keep their activations in host memory, or must hold their input on
+    the host, within `free_bytes` of GPU memory.
+
+    Per layer: `input_bytes` kept when it recomputes, `saved_bytes` when it does not, and `backward_bytes` of
+    working memory while its backward runs. The backward visits the kept (last) layers first, so at any time
+    at most one layer's recompute is live: the peak is at the end of the forward plus one backward. Of the layers
+    that do not keep, up to `host_share` (what the host link carries in the time the GPU computes them) keep their
+    activations in `host_bytes` of pinned memory instead of recomputing; the last one still in flight costs one
+    layer of GPU memory."""
+    extra = saved_bytes - input_bytes
+    if n_layers * input_bytes + saved_bytes + backward_bytes <= free_bytes:
+        in_flight = saved_bytes if host_share > 0 and host_bytes >= saved_bytes else 0
+        keep = int((free_bytes - backward_bytes - in_flight - n_layers * input_bytes) // max(extra, 1))
+        keep = max(0, min(n_layers, keep))
+        host = min(int(host_share * (n_layers - keep)), int(host_bytes // saved_bytes)) if in_flight else 0
+        return RecomputePlan(keep, 0, n_layers * input_bytes + backward_bytes + max(keep * extra, saved_bytes)
+                             + (in_flight if host else 0), host)
+    # every layer recomputes; inputs of the first ones go to the host (two on the GPU at a time: the one in use
+    # and the one being fetched)
+    on_gpu = int((free_bytes - saved_bytes - backward_bytes - 2 * input_bytes) // input_bytes)
+    if on_gpu < 0:
+        need = (saved_bytes + backward_bytes + 2 * input_bytes + MARGIN_BYTES) / GIB
+        raise ValueError(f"one layer's recompute at this sequence length needs ~{need:.1f} GiB beyond the model, "
+                         f"more than the memory budget leaves; shorten seq_len or raise memory_budget_gib")
+    offload = n_layers - min(on_gpu, n_layers)
+    return RecomputePlan(0, offload, (n_layers - offload + 2) * input_bytes + saved_bytes + backward_bytes)
+
+
+def apply_plan(layers, plan: RecomputePlan, hooks: HostOffload | None) -> None:
+    for index, layer in enumerate(layers):
+        mode = plan.mode(index, len(layers))
+        layer.gradient_checkpointing = mode in ("recompute", "offload")
+        layer.__dict__.pop("forward", None)
+        if mode in ("offload", "host"):
+            layer.forward = functools.partial(_offloaded_forward, layer, hooks)
+
+
+def _offloaded_forward(layer, hooks, *args, **kwargs):
+    # what the layer saves goes to the host: everything, or for a checkpointed layer only its input (inside the
+    # checkpoint its own hooks win)
+    with hooks:
+        return type(layer).forward(layer, *args, **kwargs)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no checkpointable decoder layers; the fast path supports "
+                         "transformers decoder models (Llama family)")
+    return layers
+
+
+def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    input_bytes: int  # the layer's input
+    saved_bytes: int  # what autograd saves for its backward (input included)
+    backward_bytes: int  # working memory of its backward
+    forward_s: float  # one forward
+
+
+def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) -> LayerCost:
+    """One decoder layer at `tokens` tokens, measured on the GPU as it will train (LoRA, liger)."""
+    frozen = next(p for p in layer.parameters() if not p.requires_grad)  # a norm weight: the activation dtype
+    hidden = torch.randn(1, tokens, rotary.config.hidden_size, device=frozen.device, dtype=frozen.dtype)
+    position_ids = torch.arange(tokens, device=frozen.device)[None]
+    kwargs = dict(position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)
+    checkpointing, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        with torch.no_grad():
+            layer(hidden, **kwargs)  # compiles kernels and sizes the dequantisation workspace first
+            start.record()
+            layer(hidden, **kwargs)
+            end.record()
+        hidden.requires_grad_(True)
+        saved = {}
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(hidden, **kwargs)
+        torch.autograd.grad(out, hidden, torch.randn_like(out))  # input grad only: leaves LoRA .grad alone
+        peak = torch.cuda.max_memory_allocated() - before
+    finally:
+        layer.gradient_checkpointing = checkpointing
+    saved_bytes = sum(saved.values())
+    return LayerCost(hidden.numel() * hidden.element_size(), saved_bytes, max(peak - saved_bytes, 0),
+                     start.elapsed_time(end) / 1e3)
+
+
+def linear_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the quantised linears: the FLOP count's P (lm_head and embeddings excluded)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, GPTQLinear))
+

@@ -1,0 +1,74 @@
+"""What a training run leaves in its directory, each file written whole or not at all (temp path + rename):
+
+    config.yaml        the resolved recipe, written before training starts
+    metrics.json       loss per step, accuracies on the eval.during_training slice, the run's summary, and the
+                       data report (examples per entry, skipped bad rows and their messages)
+    loss_curve.png     the loss per step
+    adapter/           the final LoRA adapter in PEFT format, with the tokenizer it was trained with
+    checkpoints/       the Trainer's checkpoint-N folders, for resume=true
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from matplotlib.figure import Figure  # the Figure API renders with Agg: no display, no pyplot state
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from ..config.files import write_atomic
+
+
+def save_config(cfg: DictConfig, run_dir: Path, command: str) -> None:
+    header = f"# {command}\n# resolved recipe; rerun with: recipe=<this file>\n"
+    write_atomic(run_dir / "config.yaml", lambda p: p.write_text(header + OmegaConf.to_yaml(cfg)))
+
+
+def plot_loss(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
+    ax.set(xlabel="step", ylabel="training loss (answer tokens)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, format="png"))
+
+
+class RunReport(TrainerCallback):
+    """Rewrites metrics.json and loss_curve.png at every log, from the Trainer's own log history, which a
+    resumed run restores from its checkpoint: the files always cover the whole run."""
+
+    def __init__(self, run_dir: Path, data_report: dict, title: str):
+        self.run_dir, self.data_report, self.title = Path(run_dir), data_report, title
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            self.write(state.log_history)
+
+    def write(self, log_history: list[dict]) -> None:
+        steps = [entry for entry in log_history if "loss" in entry]
+        summary = next((entry for entry in reversed(log_history) if "train_runtime" in entry), {})
+        # an eval log entry also carries what TRL adds to every log (entropy, token accuracy): keep the eval's own
+        evals = [{k: v for k, v in entry.items() if k.startswith("eval/") or k in ("step", "epoch")}
+                 for entry in log_history if any(key.startswith("eval/") for key in entry)]
+        metrics = {"loss": [{k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")
+                             if k in entry} for entry in steps],
+                   "eval": evals, "summary": summary, "data": self.data_report}
+        write_atomic(self.run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1)))
+        if steps:
+            plot_loss([e["step"] for e in steps], [e["loss"] for e in steps], self.run_dir / "loss_curve.png",
+                      self.title)
+
+
+def save_adapter(trainer, run_dir: Path) -> Path:
+    """The trained adapter (and tokenizer) as `run_dir/adapter`, in PEFT's format, via a temp folder."""
+    final, tmp = run_dir / "adapter", run_dir / ".adapter.tmp"
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # present only if a finished run was resumed and finished again
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,288 @@
+"""One LoRA SFT run on a GPTQ model, assembled from the libraries' own pieces:
+
+    tokenizer        AutoTokenizer + chatml.prepare_tokenizer (ChatML template; adds <|im_start|>/<|im_end|>
+                     where the vocabulary lacks them)
+    model            finetune.load_model (GPTQLinear layers), embeddings resized for added tokens
+    adapter          PEFT LoraConfig; added tokens train only their own embedding / lm_head rows
+                     (trainable_token_indices), saved with the adapter
+    trainer          TRL SFTTrainer on prompt-completion pairs: loss on the answer and its <|im_end|> only;
+                     packing is padding-free (position_ids restart per example, so attention stays inside it)
+
+Everything that can fail on a user's input (recipe values, model source and branch, LoRA targets, data) is
+checked in `prepare`, before any weight is loaded.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import PartialState, init_empty_weights
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
+from peft.utils.other import TrainableTokensWrapper
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from .. import load_model
+from ..config.recipe import CHECKPOINTS, RecipeError, check_gpu_settings, check_run_dir
+from ..data import chatml
+from ..data.registry import load_benchmark, resolve_options
+from ..evaluation.benchmarks import eval_batch_size
+from ..gptq import GPTQLinear
+from ..gptq.format import read_gptq_config
+from ..gptq.loader import resolve_source
+from ..gptq.memory import ModelShape, estimate_lora_training_memory
+from ..models.source import model_source
+from .eval_callback import SliceAccuracyCallback, training_slice
+from .run_report import RunReport, save_adapter, save_config
+
+DATA_ENTRY_KEYS = ("benchmark", "split", "source", "explanation", "options")
+
+
+@dataclass
+class Prepared:
+    """What `prepare` checked and loaded: everything a run needs except the model weights."""
+
+    cfg: DictConfig
+    model_source: str | Path
+    model_dir: Path  # config and tokenizer files
+    dataset: Dataset
+    data_report: dict
+    resume_from: Path | None
+    eval_slice: tuple[str, list]  # eval.during_training: (benchmark, items), no items when off
+
+
+def check_model(cfg: DictConfig, source: str | Path) -> Path:
+    """Resolve the source (a wrong Hub branch fails here, before any weight is fetched) and check each LoRA
+    target against the linear layers of the model's skeleton, built on the meta device."""
+    model_dir = resolve_source(source, cfg.model.revision, weights=False)
+    read_gptq_config(model_dir)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    output = skeleton.get_output_embeddings()
+    linears = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                      if isinstance(module, torch.nn.Linear) and module is not output})
+    for target in cfg.lora.target_modules:
+        if target not in linears:
+            raise RecipeError(f"lora.target_modules: {target!r} is not a linear layer of {cfg.model.name}; "
+                              f"pick from {', '.join(linears)}")
+    return model_dir
+
+
+def load_training_data(cfg: DictConfig) -> tuple[Dataset, dict]:
+    """Every `data.train` entry as prompt-completion pairs (chatml.training_example), concatenated; and the
+    report of what was read and skipped, for metrics.json."""
+    if not cfg.data.train:
+        raise RecipeError("data.train is empty; add an entry, e.g. "
+                          "+data.train.medqa={benchmark:medqa4,split:train,source:hub}")
+    examples, report = [], {}
+    for label, entry in OmegaConf.to_container(cfg.data.train).items():
+        unknown = sorted(set(entry) - set(DATA_ENTRY_KEYS)) if isinstance(entry, dict) else ["(not a mapping)"]
+        if unknown or "benchmark" not in entry:
+            raise RecipeError(f"data.train.{label}: {'unknown key ' + repr(unknown[0]) if unknown else 'no benchmark'};"
+                              f" an entry has {', '.join(DATA_ENTRY_KEYS)}")
+        options = resolve_options(entry.get("options"))
+        try:
+            split = load_benchmark(entry["benchmark"], entry.get("split"), source=entry.get("source", "local"),
+                                   data_root=cfg.data.data_root, on_bad_row=cfg.data.on_bad_row, **options)
+        except (ValueError, TypeError) as err:  # the loaders' one-line errors; TypeError: an unknown option
+            raise RecipeError(f"data.train.{label}: {err}") from None
+        examples += [chatml.training_example(item, system=cfg.data.system_prompt,
+                                             with_explanation=bool(entry.get("explanation")))
+                     for item in split]
+        report[label] = {"benchmark": split.benchmark, "split": split.split, "source": split.source,
+                         "examples": len(split), "skipped_rows": split.skipped, "skipped": split.bad_rows,
+                         "dropped_without_explanation": split.dropped_without_explanation}
+    if cfg.data.max_examples:
+        examples = examples[: cfg.data.max_examples]
+    if not examples:
+        raise RecipeError("data.train yields no examples; check its splits and options")
+    return Dataset.from_list(examples), report
+
+
+def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
+    """`train` as TRL's SFTConfig, plus what the code decides: the seed, ChatML's end of turn, the
+    completion-only loss, and (unless `train` says otherwise) bf16 and pinned memory on GPU only."""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    train.pop("dry_run")
+    on_gpu = PartialState().device.type == "cuda"
+    if on_gpu and cfg.gpu.fast_path:  # finetune.gpu.fast_training plans recompute per layer and applies liger itself
+        train.update(activation_checkpointing=False, use_liger_kernel=False)
+    try:
+        # ddp_broadcast_buffers: the GPTQ weights are buffers, identical on every GPU; DDP's default would
+        # re-broadcast the whole 4-bit model from GPU 0 at every step (-6 % of 2-GPU speed, eval/BENCHMARKS.md)
+        return SFTConfig(**{"bf16": on_gpu, "dataloader_pin_memory": on_gpu, "ddp_broadcast_buffers": False, **train},
+                         output_dir=str(output_dir),
+                         run_name=Path(cfg.output_dir).name, seed=cfg.seed, eos_token=chatml.IM_END,
+                         completion_only_loss=True)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"train: {' '.join(str(err).split())}") from None
+
+
+def check_scheduler(args: SFTConfig) -> None:
+    """The scheduler takes its kwargs (e.g. min_lr_rate is cosine_with_min_lr's, not cosine's); built on a
+    dummy optimizer now rather than after the model has loaded."""
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    try:
+        get_scheduler(args.lr_scheduler_type, dummy, num_warmup_steps=0, num_training_steps=10,
+                      scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except TypeError as err:
+        raise RecipeError(f"train.lr_scheduler_kwargs={args.lr_scheduler_kwargs} do not fit lr_scheduler_type="
+                          f"{args.lr_scheduler_type.value} ({err}); change them, or drop them with "
+                          "~train.lr_scheduler_kwargs") from None
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """All checks of a run, cheapest first; no weights are read and nothing is written."""
+    resume_from = check_run_dir(cfg)
+    check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
+    check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
+    source = model_source(cfg)
+    model_dir = check_model(cfg, source)
+    with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
+        dataset, data_report = load_training_data(cfg)
+        eval_slice = training_slice(cfg)
+    return Prepared(cfg, source, model_dir, dataset, data_report, resume_from, eval_slice)
+
+
+def load_model_and_tokenizer(prepared: Prepared):
+    """The GPTQ model and its ChatML tokenizer; the ids of tokens the tokenizer had to add (maybe none)."""
+    cfg = prepared.cfg
+    tokenizer = AutoTokenizer.from_pretrained(prepared.model_dir)
+    added_ids = chatml.prepare_tokenizer(tokenizer)
+    model = load_model(prepared.model_source, revision=cfg.model.revision)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        set_seed(cfg.seed)  # the new rows start from a seeded draw around the mean embedding
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer, added_ids
+
+
+def lora_config(cfg: DictConfig, model, added_ids: list[int]) -> LoraConfig:
+    """LoRA on the target linears; added tokens train their embedding rows, and their lm_head rows too when the
+    output layer is not tied to the embedding (Llama-2 / Meditron)."""
+    trainable_tokens = None
+    if added_ids:
+        names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+        embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+        trainable_tokens = {names[embedding]: added_ids}
+        if output.weight is not embedding.weight:
+            trainable_tokens[names[output]] = added_ids
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
+                      trainable_token_indices=trainable_tokens, revision=cfg.model.revision)
+
+
+def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrainer:
+    cfg = prepared.cfg
+    args = sft_config(cfg, output_dir)
+    if "wandb" in args.report_to:
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally, `wandb sync` later
+        os.environ.setdefault("WANDB_DIR", cfg.output_dir)
+        os.environ.setdefault("WANDB_PROJECT", "meditron-finetune")
+    model, tokenizer, added_ids = load_model_and_tokenizer(prepared)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
+                         peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
+    if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
+        from ..gpu.fast_training import enable_fast_training
+        plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
+                                    memory_budget_gib=cfg.gpu.memory_budget_gib,
+                                    host_memory_gib=cfg.gpu.host_memory_gib,
+                                    packed=cfg.train.get("packing", False))
+        trainer.accelerator.print(f"fast GPU path: {plan}")
+    head = trainer.model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper):
+        # TRL's fused loss reads lm_head.weight and lm_head.bias; PEFT's wrapper passes on only .weight (the
+        # merged rows), so hand it the base layer's bias as a plain attribute (not a second parameter)
+        object.__setattr__(head, "bias", head.token_adapter.base_layer.bias)
+    return trainer
+
+
+def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
+    """A full run into cfg.output_dir; resume=true continues from its last complete checkpoint."""
+    prepared = prepare(cfg)
+    run_dir = Path(cfg.output_dir)
+    state = PartialState()
+    state.wait_for_everyone()  # every process has checked output_dir before the first one writes to it
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir, command)
+    report = RunReport(run_dir, prepared.data_report, title=f"{run_dir.name}: {cfg.model.name}")
+    trainer = build_trainer(prepared, run_dir / CHECKPOINTS, [report, *callbacks])
+    benchmark, items = prepared.eval_slice
+    if items:
+        trainer.add_callback(SliceAccuracyCallback(trainer, benchmark, items, cfg.eval.during_training.every_n_steps,
+                                                   eval_batch_size(cfg), cfg.data.system_prompt))
+    trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
+    save_adapter(trainer, run_dir)
+    return trainer
+
+
+# --- dry run ------------------------------------------------------------------------------------------------------
+
+
+def trained_spans(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[bool, str]]:
+    """(trained?, text) for each run of consecutive tokens that are, or are not, in the loss."""
+    spans = []
+    for token, label in zip(input_ids, labels):
+        trained = label != -100
+        if spans and spans[-1][0] == trained:
+            spans[-1][1].append(token)
+        else:
+            spans.append((trained, [token]))
+    return [(trained, tokenizer.decode(tokens)) for trained, tokens in spans]
+
+
+def first_examples(trainer: SFTTrainer, n: int = 2) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the first n examples as the trainer prepared them; a packed row is cut back
+    into its examples by its seq_lengths."""
+    examples = []
+    for row in trainer.train_dataset:
+        lengths = row.get("seq_lengths") or [len(row["input_ids"])]
+        start = 0
+        for length in lengths:
+            examples.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+            start += length
+        if len(examples) >= n:
+            return examples[:n]
+    return examples
+
+
+def estimate_memory(model, cfg: DictConfig) -> dict[str, float]:
+    """GiB to train this model at train.max_length (finetune.gptq.memory's model), from the loaded model's sizes."""
+    quantised = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    quantised_bytes = sum(b.numel() * b.element_size() for m in quantised for b in m.buffers(recurse=False))
+    dense_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    dtype_bytes = 2 if PartialState().device.type == "cuda" else 4
+    return estimate_lora_training_memory(ModelShape.from_config(model.config), quantised_bytes, dense_params,
+                                         cfg.train.max_length, cfg.lora.r, tuple(cfg.lora.target_modules),
+                                         dtype_bytes)
+
+
+def dry_run(cfg: DictConfig, steps: int = 2) -> list[float]:
+    """Check config and data, show two examples with their trained spans and the memory estimate, run `steps`
+    optimiser steps in a temporary folder; writes nothing into output_dir. Returns the losses."""
+    prepared = prepare(cfg)
+    print = PartialState().print  # once, not once per process
+    print(f"config ok; data: {sum(r['examples'] for r in prepared.data_report.values())} examples "
+          + ", ".join(f"{label}={r['examples']} (skipped {r['skipped_rows']})"
+                      for label, r in prepared.data_report.items()))
+    overrides = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "logging_steps": 1}
+    cfg = OmegaConf.merge(cfg, {"train": overrides})
+    with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
+        trainer = build_trainer(replace(prepared, cfg=cfg), Path(tmp))
+        for i, (input_ids, labels) in enumerate(first_examples(trainer), start=1):
+            trained = sum(label != -100 for label in labels)
+            print(f"\nexample {i}: {len(input_ids)} tokens, {trained} in the loss")
+            for in_loss, text in trained_spans(trainer.processing_class, input_ids, labels):
+                print(f"  {'TRAINED' if in_loss else 'masked '} {text!r}")
+        memory = estimate_memory(trainer.model, cfg)
+        print(f"\nestimated memory at max_length={cfg.train.max_length}: {memory['total']:.2f} GiB ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total") + ")")
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(f"dry run ok: {len(losses)} steps, loss " + " -> ".join(f"{x:.4f}" for x in losses))
+    return losses

@@ -1,0 +1,214 @@
+"""The fast training path: the lean LoRA forward, selective recompute and the memory plan on the CPU; host offload
+and the whole path against the CPU on a GPU (skipped without one; speed_benchmark times it there)."""
+
+import functools
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig
+
+from finetune.gptq.format import GPTQConfig
+from finetune.gptq.loader import load_model
+from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
+from finetune.gpu import fast_training
+from finetune.gpu.fast_lora import speed_up_lora
+from finetune.gpu.fast_training import RecomputePlan, apply_plan, decoder_layers, plan_recompute
+
+TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128)
+MIB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gptq")
+    write_random_gptq_checkpoint(path, TINY, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    return path
+
+
+def lora_model(checkpoint, device="cpu"):
+    torch.manual_seed(0)  # same LoRA A init in every model
+    model = get_peft_model(load_model(checkpoint, device=device),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters matter
+            torch.nn.init.normal_(param, std=0.1)
+    return model.train()
+
+
+def loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountFFNMatmuls(TorchDispatchMode):
+    """Counts matmuls (mm, addmm) against a dense MLP weight: the GPTQ layers' dequantised [in, out] / [out, in]."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        weight = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}.get(func)
+        if weight is not None and tuple(args[weight].shape) in ((160, 64), (64, 160)):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
+    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    reference_loss, reference = loss_and_grads(lora_model(checkpoint), tokens)
+
+    model = lora_model(checkpoint)
+    assert speed_up_lora(model) == 7 * TINY.num_hidden_layers
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    layers = decoder_layers(base)
+    for keep in (0, 1, 3):
+        apply_plan(layers, RecomputePlan(keep=keep, offload=0, bytes=0), hooks=None)
+        assert [layer.gradient_checkpointing for layer in layers] == [i < 3 - keep for i in range(3)]
+        loss, grads = loss_and_grads(model, tokens)
+        assert loss == pytest.approx(reference_loss, rel=1e-6)
+        for name, grad in grads.items():
+            assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, name
+
+
+def test_recompute_skips_the_last_base_matmul_of_each_layer(checkpoint):
+    """The adapter runs before the base matmul, so the checkpoint's early stop ends each layer's recompute
+    before down_proj's base matmul: per layer the backward does 3 MLP matmuls (dX of gate, up, down) and the
+    recompute 2 (gate, up), not 3."""
+    model = lora_model(checkpoint)
+    speed_up_lora(model)
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 32))
+    counts = {}
+    for keep in (3, 0):
+        apply_plan(decoder_layers(base), RecomputePlan(keep=keep, offload=0, bytes=0), hooks=None)
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        with CountFFNMatmuls() as counter:
+            loss.backward()
+        counts[keep] = counter.count
+    assert counts == {3: 3 * 3, 0: 3 * (3 + 2)}
+
+
+def test_plan_keeps_as_many_layers_as_the_budget_allows():
+    # 80 layers, 64 MiB input, 1100 MiB saved per layer, 1500 MiB backward working memory
+    plan = plan_recompute(80, 64 * MIB, 1100 * MIB, 1500 * MIB, free_bytes=30 * 1024 * MIB)
+    assert (plan.keep, plan.offload) == ((30 * 1024 - 1500 - 80 * 64) // (1100 - 64), 0)
+    assert plan.bytes <= 30 * 1024 * MIB
+    assert [plan.mode(i, 80) for i in (0, 79 - plan.keep, 80 - plan.keep, 79)] == \
+        ["recompute", "recompute", "keep", "keep"]
+    everything = plan_recompute(80, 64 * MIB, 1100 * MIB, 1500 * MIB, free_bytes=200 * 1024 * MIB)
+    assert (everything.keep, everything.offload) == (80, 0)
+
+
+def test_plan_keeps_activations_on_the_host_as_the_link_and_pinned_memory_allow():
+    free = 30 * 1024 * MIB
+    plan = plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free_bytes=free, host_bytes=64 * 1024 * MIB,
+                          host_share=0.5)
+    assert plan.keep == (30 * 1024 - 1500 - 800 - 80 * 64) // (800 - 64)  # one host layer in flight on the GPU
+    assert plan.host == (80 - plan.keep) // 2 and plan.bytes <= free
+    modes = [plan.mode(i, 80) for i in range(80)]
+    assert modes.count("host") == plan.host and modes.count("keep") == plan.keep
+    # spread: between two host layers another computes while the link carries one
+    assert all(not (a == b == "host") for a, b in zip(modes, modes[1:])) and modes[-plan.keep - 1] == "host"
+    # pinned memory for 10 layers only; none when it cannot hold one layer or the link carries nothing
+    assert plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free, 8000 * MIB, 0.5).host == 10
+    for host_bytes, share in ((700 * MIB, 0.5), (64 * 1024 * MIB, 0.0)):
+        none = plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free, host_bytes, share)
+        assert none.host == 0 and none.keep == (30 * 1024 - 1500 - 80 * 64) // (800 - 64)
+
+
+def test_plan_moves_inputs_to_the_host_only_as_needed():
+    # 32k tokens: 512 MiB input and ~8.6 GiB saved per layer; 45 GiB free
+    plan = plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=45 * 1024 * MIB)
+    on_gpu = (45 * 1024 - 8800 - 4000 - 2 * 512) // 512
+    assert (plan.keep, plan.offload) == (0, 80 - on_gpu)
+    assert [plan.mode(i, 80) for i in (0, plan.offload - 1, plan.offload)] == ["offload", "offload", "recompute"]
+    with pytest.raises(ValueError, match="shorten seq_len or raise memory_budget_gib"):
+        plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=10 * 1024 * MIB)
+
+
+def test_mlp_keeps_gate_and_up_but_not_their_product(checkpoint):
+    """A layer that keeps its activations holds SwiGLU's inputs (its backward needs them) but not its output,
+    which down_proj's LoRA-A would otherwise keep: it is recomputed in the backward."""
+    model = lora_model(checkpoint)
+    speed_up_lora(model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert isinstance(mlp.forward, functools.partial)
+    x = torch.randn(1, 32, TINY.hidden_size, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    wide = {t.untyped_storage().data_ptr() for t in saved if t.shape == (1, 32, TINY.intermediate_size)}
+    assert len(wide) == 2  # gate and up
+
+
+def test_enable_fast_training_refuses_a_cpu_model(checkpoint):
+    with pytest.raises(ValueError, match="needs the model on a CUDA GPU; on CPU train without it"):
+        fast_training.enable_fast_training(lora_model(checkpoint), seq_len=64)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_gpu_fast_path_matches_cpu(checkpoint):
+    """On the GPU (bf16, liger, Triton, the lean LoRA) one MLP and one attention projection give the CPU's fp32
+    outputs and gradients within bf16 rounding, and the whole model its loss. (Whole-model gradients are no
+    measure: on random weights bf16 rounding grows chaotically through the layers, as it does in PEFT's own path.)"""
+    tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2))
+    cpu_model = lora_model(checkpoint)
+    cpu_loss = cpu_model(input_ids=tokens, labels=tokens, use_cache=False).loss.item()
+    speed_up_lora(cpu_model)
+    model = lora_model(checkpoint, device="cuda")  # bf16
+    gpu_parameters = dict(model.named_parameters())
+    with torch.no_grad():  # the same adapters (the GPU's random generator initialised its own)
+        for name, parameter in cpu_model.named_parameters():
+            if parameter.requires_grad:
+                gpu_parameters[name].copy_(parameter)
+    report = fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
+    assert report["fast_lora_modules"] == 7 * TINY.num_hidden_layers
+    assert model(input_ids=tokens.cuda(), labels=tokens.cuda(), use_cache=False).loss.item() == \
+        pytest.approx(cpu_loss, rel=2e-2)
+    generator = torch.Generator().manual_seed(3)
+    for path in ("mlp", "self_attn.q_proj"):
+        results = []
+        for m in (cpu_model, model):
+            module = m.get_base_model().model.layers[1].get_submodule(path)
+            module.zero_grad(set_to_none=True)
+            device, dtype = next(module.parameters()).device, (torch.float32 if m is cpu_model else torch.bfloat16)
+            x = torch.randn(1, 512, TINY.hidden_size, generator=generator.manual_seed(4)).to(device, dtype)
+            out = module(x.requires_grad_())
+            out.backward(torch.randn(out.shape, generator=generator.manual_seed(5)).to(device, dtype))
+            results.append([out, x.grad] + [p.grad for p in module.parameters() if p.requires_grad])
+        for cpu, gpu in zip(*results):
+            assert ((gpu.float().cpu() - cpu).norm() / cpu.norm()).item() < 2e-2, path
+
+
+@needs_cuda
+def test_host_layers_give_the_gradients_of_kept_layers(checkpoint, monkeypatch):
+    from finetune.gpu import host_offload
+    monkeypatch.setattr(host_offload, "OFFLOAD_MIN_BYTES", 0)  # this tiny model's tensors all travel too
+    tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
+    model = lora_model(checkpoint, device="cuda")
+    fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
+    layers, hooks = decoder_layers(model.get_base_model()), host_offload.HostOffload()
+    grads = {}
+    for plan in (RecomputePlan(keep=3, offload=0, bytes=0), RecomputePlan(keep=0, offload=0, bytes=0, host=3),
+                 RecomputePlan(keep=1, offload=0, bytes=0, host=1)):
+        apply_plan(layers, plan, hooks)
+        grads[plan] = loss_and_grads(model, tokens)[1]
+    assert [plan.mode(i, 3) for i in range(3)] == ["recompute", "host", "keep"]
+    assert hooks.pinned_bytes > 0  # the host layers' buffers, back in the pool
+    first, *others = grads.values()
+    for other in others:
+        differing = [name for name in first if not torch.equal(first[name], other[name])]
+        assert not differing, [(n, (first[n] - other[n]).abs().max().item()) for n in differing[:3]]

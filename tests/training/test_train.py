@@ -1,0 +1,215 @@
+"""Training end to end on the CPU.
+
+On SmolLM2-135M-Instruct as 4-bit GPTQ (the smoke recipe's model): a short run whose loss on the answers falls
+and whose adapter, reloaded with plain PEFT on a freshly loaded GPTQ base, gives the trained model's logits, and
+the run directory it leaves. On a tiny random GPTQ Llama shaped like Meditron where it matters (lm_head untied,
+a tokenizer without ChatML tokens), cheap enough to train several times: the dry run under `accelerate launch`,
+the added tokens' own rows, packing without attention across examples, and a run killed after a checkpoint and
+resumed to the bit-identical adapter of an uninterrupted run.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gptq_fixtures import llama_style_tokenizer
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, TrainerCallback
+
+import finetune
+from finetune.config.recipe import RecipeError, compose_recipe
+from finetune.gptq import GPTQConfig
+from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
+from finetune.models.source import model_source
+from finetune.training import sft
+
+REPO = Path(__file__).resolve().parents[2]
+# Three optimiser steps of one 256-token row each, one checkpoint at the end.
+SHORT_RUN = ["recipe=smoke", "train.max_steps=3", "train.save_steps=3", "train.max_length=256"]
+
+
+def logits(model, input_ids, position_ids=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
+
+
+def forward(model, batch):
+    """Logits and loss (on the answer tokens) of a packed batch."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                     use_cache=False)
+
+
+# --- SmolLM2-135M-Instruct GPTQ ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smollm2") / "run"
+    cfg = compose_recipe("smoke", [*SHORT_RUN[1:], f"output_dir={run_dir}"])
+    trainer = sft.train(cfg, command="finetune/train.py " + " ".join(SHORT_RUN))
+    trainer.model.eval()
+    # two training examples as the trainer's collator packs them: one row, position_ids restarting at 0
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    return run_dir, trainer, batch, forward(trainer.model, batch)
+
+
+def test_run_directory(smollm2_run):
+    run_dir = smollm2_run[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "checkpoints", "config.yaml", "loss_curve.png",
+                                                         "metrics.json"]
+    assert (run_dir / "config.yaml").read_text().startswith("# finetune/train.py recipe=smoke train.max_steps=3")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (run_dir / "adapter").iterdir()}
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["peft_type"] == "LORA"
+    assert sorted(adapter_config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                        "up_proj", "v_proj"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["loss"]] == [1, 2, 3]
+    assert all(0 < entry["loss"] < 10 for entry in metrics["loss"])
+    assert metrics["summary"]["step"] == 3
+    assert metrics["data"]["pubmedqa"] == {"benchmark": "pubmedqa", "split": "train_dev",
+                                           "source": str(REPO / "data" / "smoke_pubmedqa.json"), "examples": 30,
+                                           "skipped_rows": 0, "skipped": [], "dropped_without_explanation": 0}
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not list(run_dir.glob(".*"))  # no temp files left behind
+    with pytest.raises(RecipeError, match="already holds a run"):  # and it is never overwritten
+        sft.prepare(compose_recipe("smoke", [f"output_dir={run_dir}"]))
+
+
+def test_training_lowers_the_loss_on_the_answers(smollm2_run):
+    _, trainer, batch, trained = smollm2_run
+    with trainer.model.disable_adapter():
+        before = forward(trainer.model, batch).loss.item()
+    assert trained.loss.item() < 0.7 * before, (before, trained.loss.item())
+
+
+def test_saved_adapter_reloads_with_plain_peft(smollm2_run):
+    run_dir, _, batch, trained = smollm2_run
+    base = finetune.load_model(model_source(compose_recipe("smoke")), device="cpu")
+    reloaded = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    assert torch.equal(forward(reloaded, batch).logits, trained.logits)
+
+
+# --- a tiny Meditron-shaped GPTQ checkpoint --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meditron_like(tmp_path_factory):
+    """A tiny random GPTQ Llama (4-bit, g32, act-order) with lm_head untied from the embedding and a Llama-2-style
+    tokenizer that lacks <|im_start|> / <|im_end|>, as Meditron's does."""
+    tokenizer = llama_style_tokenizer()
+    model_dir = tmp_path_factory.mktemp("meditron-like")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    write_random_gptq_checkpoint(model_dir, config, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def tiny_run(model_dir: Path, output_dir: Path, *overrides: str):
+    # dropout on, so that resuming must restore the RNG as well as weights, optimizer, scheduler and data position
+    return compose_recipe("smoke", [f"model.name={model_dir}", f"output_dir={output_dir}", "train.max_steps=3",
+                                    "train.save_steps=1", "train.learning_rate=1e-2", "lora.dropout=0.1",
+                                    *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(meditron_like, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    trainer = sft.train(tiny_run(meditron_like, run_dir))
+    trainer.model.eval()
+    return run_dir, trainer
+
+
+def test_dry_run_under_accelerate_launch(meditron_like, tmp_path):
+    out = tmp_path / "never-written"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+         str(REPO / "finetune" / "train.py"), "recipe=smoke", "train.dry_run=true", f"model.name={meditron_like}",
+         f"output_dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)  # cwd outside the repo: the script finds data/
+    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = result.stdout
+    assert "config ok; data: 30 examples pubmedqa=30 (skipped 0)" in stdout
+    assert "example 1: " in stdout and "example 2: " in stdout and "example 3: " not in stdout
+    assert "  masked  '<s><|im_start|>system\\nYou are a biomedical researcher." in stdout
+    assert "<|im_start|>answer\\n'\n  TRAINED 'The answer is " in stdout
+    assert "estimated memory at max_length=512: " in stdout and "quantised weights" in stdout
+    assert "dry run ok: 2 steps, loss " in stdout
+    assert not out.exists()
+
+
+def test_added_chatml_tokens_train_only_their_rows_and_travel_with_the_adapter(meditron_like, tiny_trained):
+    run_dir, trainer = tiny_trained
+    vocab = len(AutoTokenizer.from_pretrained(meditron_like))
+    assert trainer.processing_class.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [vocab, vocab + 1]
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    embed_key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    head_key = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+    assert sorted(key for key in saved if "trainable_tokens" in key) == [head_key, embed_key]
+    model = trainer.model.base_model.model
+    for key, layer in ((embed_key, model.model.embed_tokens), (head_key, model.lm_head)):
+        adapter = layer.token_adapter
+        assert adapter.token_indices["default"] == [vocab, vocab + 1]
+        trained = adapter.trainable_tokens_delta["default"].detach()
+        assert trained.shape == (2, 64) and not torch.equal(trained, adapter.trainable_tokens_original["default"])
+        assert torch.equal(saved[key], trained)
+
+    # a user's reload: the adapter's tokenizer, the fresh GPTQ base resized to it, plain PEFT
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    base = finetune.load_model(meditron_like, device="cpu")
+    base.resize_token_embeddings(len(tokenizer))
+    reloaded = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    ids = tokenizer("<|im_start|>question\nIs it?<|im_end|>\n<|im_start|>answer\n", return_tensors="pt")["input_ids"]
+    assert torch.equal(logits(reloaded, ids), logits(trainer.model, ids))
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_trained):
+    _, trainer = tiny_trained
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # packed rows of 512 tokens hold several ~200-token examples
+    second = slice(starts[1], starts[2])
+    packed = logits(trainer.model, batch["input_ids"], batch["position_ids"])
+    alone = logits(trainer.model, batch["input_ids"][:, second])
+    torch.testing.assert_close(packed[second], alone, atol=1e-5, rtol=1e-5)
+    # the same row read as one long sequence mixes the examples: the check above can see contamination
+    mixed = logits(trainer.model, batch["input_ids"])
+    assert (mixed[second] - alone).abs().max() > 1e-3
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Stands in for a crash right after the step-`step` checkpoint is on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after checkpoint-{self.step}")
+
+
+def test_killed_run_resumes_to_the_identical_adapter(meditron_like, tiny_trained, tmp_path):
+    uninterrupted, _ = tiny_trained
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(tiny_run(meditron_like, run_dir), callbacks=[KillAfterCheckpoint(1)])
+    assert not (run_dir / "adapter").exists()
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
+
+    sft.train(tiny_run(meditron_like, run_dir, "resume=true"))
+    expected = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()  # LoRA matrices and the added tokens' rows
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    # the report covers the whole run, the steps before the crash included
+    losses = [e["loss"] for e in json.loads((run_dir / "metrics.json").read_text())["loss"]]
+    assert losses == [e["loss"] for e in json.loads((uninterrupted / "metrics.json").read_text())["loss"]]
+    assert len(losses) == 3
