@@ -2,7 +2,7 @@
 
 `BENCHMARKS` says, for each benchmark, which adapter reads it, its evaluation split, where its files lie under the
 data root (in the layout of their original releases) and how its Hub copy is reached. The adapters themselves live
-in `pubmedqa_data` (PubMedQA) and `mcq_data` (MedMCQA, MedQA); the record type in `qa_records`.
+in `pubmedqa` (PubMedQA), `medmcqa` and `medqa`; the record type in `records`.
 
 Hub note: bigbio/pubmed_qa and bigbio/med_qa are loading scripts, which `datasets` >= 4 no longer runs; PubMedQA
 therefore comes from its authors' Parquet copy qiaojin/PubMedQA, and MedQA 5-option from the Hub fails with a

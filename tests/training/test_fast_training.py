@@ -1,5 +1,5 @@
 """The fast training path: the lean LoRA forward, selective recompute and the memory plan on the CPU; host offload
-and the whole path against the CPU on a GPU (skipped without one; speed_benchmark times it there)."""
+and the whole path against the CPU on a GPU (skipped without one; bench.train_speed times it there)."""
 
 import functools
 
