@@ -1,12 +1,15 @@
 """Lean LoRA over GPTQ layers for training: `speed_up_lora(model)` gives PEFT's LoRA linears a leaner forward.
 
 PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters in fp32. Here, for the common case
-(one active adapter, no dropout, no DoRA), each projection is one autograd Function that
+(one active adapter, no DoRA), each projection is one autograd Function that
 - does the adapter math in the activation dtype (bf16; fp32 master weights, as autocast would);
+- applies LoRA dropout as PEFT does (a mask of its own per projection, 1/(1-p) folded into A), keeping no mask:
+  it draws a seed from torch's CPU generator (which checkpointing and resume restore) and draws the mask again
+  from that seed in the backward;
 - adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue), and in the backward adds the
   adapter's input gradient the same way (dx = addmm(dxa @ A, grad, W)): no separate bf16 add passes;
 - dequantises the GPTQ weight again in the backward rather than keeping it (as GPTQLinear does).
-Projections that share an input run their LoRA-A as one matmul (gate and up: [A_gate; A_up]).
+Projections that share an input and no dropout run their LoRA-A as one matmul (gate and up: [A_gate; A_up]).
 
 The MLP is one more step lean. SwiGLU's output (tokens x 28672 at 70B) is what down_proj's LoRA-A would keep for
 its weight gradient; `_SwiGLULoraA` keeps gate and up instead (needed by SwiGLU's backward anyway) and recomputes
@@ -23,103 +26,174 @@ import torch.nn.functional as F
 from ..gptq.layer import GPTQLinear, dequantizer
 
 
-def speed_up_lora(model: torch.nn.Module) -> int:
+def speed_up_lora(model: torch.nn.Module) -> dict[str, int]:
     """Give every eligible PEFT LoRA linear over a GPTQLinear the lean forward, and every MLP whose three
-    projections are all eligible the lean MLP; returns how many projections. Modules with dropout or a LoRA
-    variant (DoRA, ...) keep PEFT's forward."""
+    projections are all eligible the lean MLP. Returns how many LoRA linears went lean ("lean") and how many
+    keep PEFT's forward, by reason."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    lean = set()
+    lean, counts = set(), {"lean": 0}
     for module in model.modules():
-        if (isinstance(module, LoraLinear) and isinstance(module.get_base_layer(), GPTQLinear)
-                and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())):
-            module.forward = functools.partial(lean_lora_forward, module)
-            lean.add(module)
+        if isinstance(module, LoraLinear):
+            reason = not_lean_reason(module)
+            if reason is None:
+                module.forward = functools.partial(lean_lora_forward, module)
+                lean.add(module)
+            counts["lean" if reason is None else reason] = counts.get(reason or "lean", 0) + 1
     for module in model.modules():
         if (all(getattr(module, name, None) in lean for name in ("gate_proj", "up_proj", "down_proj"))
                 and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")):
             module.forward = functools.partial(lean_mlp_forward, module)
-    return len(lean)
+    return counts
 
 
-def adapter(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A, B * scaling) of a LoRA linear's one active adapter in `dtype`, or None where the lean path does not
-    apply at this call (adapters disabled or merged, several active, a variant, a bias)."""
+def not_lean_reason(module) -> str | None:
+    """Why a PEFT LoRA linear keeps PEFT's own forward, or None when the lean one takes it."""
+    if not isinstance(module.get_base_layer(), GPTQLinear):
+        return "base layer not GPTQ"
+    if module.get_base_layer().bias is not None:
+        return "base layer with a bias"
+    if module.lora_variant:
+        return "a LoRA variant (DoRA, ...)"
+    if not all(isinstance(d, (torch.nn.Identity, torch.nn.Dropout)) for d in module.lora_dropout.values()):
+        return "a dropout other than torch.nn.Dropout"
+    return None
+
+
+Dropout = tuple[float, int] | None  # (p, seed of the mask), or None: no dropout
+
+
+def adapter(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Dropout] | None:
+    """(A / (1 - p), B * scaling, dropout) of a LoRA linear's one active adapter, A and B in `dtype`, or None where
+    the lean path does not apply at this call (adapters disabled or merged, several active, a variant, a bias).
+    In training with p > 0 this draws the mask's seed."""
     names = module.active_adapters
     if (module.disable_adapters or module.merged or len(names) != 1 or names[0] not in module.lora_A
             or names[0] in module.lora_variant or module.base_layer.bias is not None):
         return None
     name = names[0]
-    return module.lora_A[name].weight.to(dtype), module.lora_B[name].weight.to(dtype) * module.scaling[name]
+    dropout_module = module.lora_dropout[name]
+    p = dropout_module.p if isinstance(dropout_module, torch.nn.Dropout) and dropout_module.training else 0.0
+    a = module.lora_A[name].weight
+    dropout = (p, draw_seed()) if p > 0 else None
+    return (a / (1 - p) if p > 0 else a).to(dtype), module.lora_B[name].weight.to(dtype) * module.scaling[name], dropout
+
+
+def draw_seed() -> int:
+    """A mask's seed from torch's CPU generator: seeded by the run, restored by checkpointing's recompute (so the
+    recompute draws the same) and by a resumed run."""
+    return int(torch.randint(2 ** 62, (1,)).item())
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """0/1 in like's dtype and shape, 1 with probability 1 - p; the same for the same seed, shape and device."""
+    generator = _generators.setdefault(like.device, torch.Generator(like.device))
+    return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(
+        1 - p, generator=generator.manual_seed(seed))
+
+
+def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """x with the mask applied (the 1/(1-p) is in A), or x itself."""
+    return x if dropout is None else x * dropout_mask(x, *dropout)
 
 
 def lean_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     weights = None if args or kwargs else adapter(module, x.dtype)
     if weights is None:
         return type(module).forward(module, x, *args, **kwargs)  # PEFT's general path
-    return _LoraGPTQ.apply((module.base_layer,), x, *weights)[0]
+    a, b, dropout = weights
+    return _LoraGPTQ.apply((module.base_layer,), (dropout,), x, a, b)[0]
 
 
 def lean_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    weights = [adapter(p, x.dtype) for p in (gate, up, down)]
+    weights = [adapter(p, x.dtype) for p in (gate, up, down)]  # in PEFT's order: the same masks
     if None in weights:
         return type(mlp).forward(mlp, x)
-    (a_gate, b_gate), (a_up, b_up), (a_down, b_down) = weights
-    gate_out, up_out = _LoraGPTQ.apply((gate.base_layer, up.base_layer), x, torch.cat([a_gate, a_up]), b_gate, b_up)
-    act, act_a = _SwiGLULoraA.apply(gate_out, up_out, a_down)
+    (a_gate, b_gate, drop_gate), (a_up, b_up, drop_up), (a_down, b_down, drop_down) = weights
+    gate_out, up_out = _LoraGPTQ.apply((gate.base_layer, up.base_layer), (drop_gate, drop_up), x, a_gate, a_up,
+                                       b_gate, b_up)
+    act, act_a = _SwiGLULoraA.apply(gate_out, up_out, a_down, drop_down)
     # the adapter first, then the base matmul that saves nothing (see the module docstring)
     return _GPTQMatmulPlus.apply(act, act_a @ b_down.t(), down.base_layer)
 
 
 class _LoraGPTQ(torch.autograd.Function):
-    """x -> (x @ W_i.t() + (x @ A_i.t()) @ B_i.t() for each GPTQ layer i sharing the input x).
+    """x -> (x @ W_i.t() + (dropout_i(x) @ A_i.t()) @ B_i.t() for each GPTQ layer i sharing the input x).
 
-    `a` stacks the layers' A matrices ([sum of ranks, in]) so that x meets them in one matmul; `bs` are the B
-    matrices with the LoRA scaling folded in. Saves x and the small x @ A.t(), never a dense weight."""
+    `weights` are the A matrices ([rank, in], 1/(1-p) folded in), then the B matrices with the LoRA scaling folded
+    in; `dropouts` one per layer. Without dropout x meets the stacked A matrices in one matmul. Saves x and the
+    small x @ A.t(), never a dense weight or a mask."""
 
     @staticmethod
-    def forward(ctx, layers: tuple[GPTQLinear, ...], x: torch.Tensor, a: torch.Tensor, *bs: torch.Tensor):
-        ctx.layers = layers
+    def forward(ctx, layers: tuple[GPTQLinear, ...], dropouts: tuple[Dropout, ...], x: torch.Tensor,
+                *weights: torch.Tensor):
+        ctx.layers, ctx.dropouts = layers, dropouts
+        a_s, bs = weights[:len(layers)], weights[len(layers):]
         flat = x.reshape(-1, x.shape[-1])
-        xa = flat @ a.t()
+        if any(dropouts):
+            xa = torch.cat([dropped(flat, d) @ a.t() for d, a in zip(dropouts, a_s)], dim=1)
+        else:
+            xa = flat @ (torch.cat(a_s) if len(a_s) > 1 else a_s[0]).t()
         outputs = []
         for layer, xa_i, b in zip(layers, xa.split([b.shape[1] for b in bs], dim=1), bs):
             weight = dequantizer(x.device)(layer, x.dtype)  # [out, in]; valid until the next dequantise
             outputs.append(torch.addmm(xa_i @ b.t(), flat, weight.t()).view(*x.shape[:-1], -1))
-        ctx.save_for_backward(x, a, xa, *bs)
+        ctx.save_for_backward(x, xa, *weights)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        x, a, xa, *bs = ctx.saved_tensors
+        x, xa, *weights = ctx.saved_tensors
+        a_s, bs = weights[:len(ctx.layers)], weights[len(ctx.layers):]
         flat = x.reshape(-1, x.shape[-1])
         grads = [g.reshape(-1, g.shape[-1]) for g in grads]
-        grad_xa = torch.cat([g @ b for g, b in zip(grads, bs)], dim=1)
-        grad_x = grad_xa @ a
+        grad_xas = [g @ b for g, b in zip(grads, bs)]
+        if any(ctx.dropouts):
+            grad_x, grad_as = 0, []
+            for grad_xa, a, dropout in zip(grad_xas, a_s, ctx.dropouts):
+                mask = None if dropout is None else dropout_mask(flat, *dropout)
+                grad_x = grad_x + (grad_xa @ a if mask is None else (grad_xa @ a) * mask)
+                grad_as.append(grad_xa.t() @ (flat if mask is None else flat * mask))
+                del mask
+        else:
+            grad_xa = torch.cat(grad_xas, dim=1)
+            grad_x = grad_xa @ torch.cat(a_s)
+            grad_as = (grad_xa.t() @ flat).split([a.shape[0] for a in a_s])
         for layer, g in zip(ctx.layers, grads):
             grad_x = torch.addmm(grad_x, g, dequantizer(g.device)(layer, g.dtype))
         grad_bs = [g.t() @ xa_i for g, xa_i in zip(grads, xa.split([b.shape[1] for b in bs], dim=1))]
-        return None, grad_x.view_as(x), grad_xa.t() @ flat, *grad_bs
+        return None, None, grad_x.view_as(x), *grad_as, *grad_bs
 
 
 class _SwiGLULoraA(torch.autograd.Function):
-    """(gate, up, A) -> (act = silu(gate) * up, act @ A.t()), keeping gate and up but not act."""
+    """(gate, up, A, dropout) -> (act = silu(gate) * up, dropout(act) @ A.t()), keeping gate and up but not act."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor):
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, dropout: Dropout):
         act = swiglu(gate, up)
         ctx.save_for_backward(gate, up, a)
-        return act, act @ a.t()
+        ctx.dropout = dropout
+        return act, dropped(act, dropout) @ a.t()
 
     @staticmethod
     def backward(ctx, grad_act: torch.Tensor, grad_act_a: torch.Tensor):
         gate, up, a = ctx.saved_tensors
         act = swiglu(gate, up)  # recomputed: an elementwise pass costs far less than keeping it
         flat_grad_act_a = grad_act_a.reshape(-1, grad_act_a.shape[-1])
-        grad_a = flat_grad_act_a.t() @ act.reshape(-1, act.shape[-1])
-        del act
-        grad_act = torch.addmm(grad_act.reshape(-1, grad_act.shape[-1]), flat_grad_act_a, a).view_as(gate)
-        return *swiglu_backward(gate, up, grad_act), grad_a
+        flat_grad_act = grad_act.reshape(-1, grad_act.shape[-1])
+        if ctx.dropout is None:
+            grad_a = flat_grad_act_a.t() @ act.reshape(-1, act.shape[-1])
+            del act
+            grad_act = torch.addmm(flat_grad_act, flat_grad_act_a, a)
+        else:
+            mask = dropout_mask(act, *ctx.dropout)
+            grad_a = flat_grad_act_a.t() @ (act * mask).reshape(-1, act.shape[-1])
+            del act
+            grad_act = flat_grad_act + (flat_grad_act_a @ a) * mask.reshape(flat_grad_act.shape)
+        return *swiglu_backward(gate, up, grad_act.view_as(gate)), grad_a, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 What it does, each kept because it measured faster (eval/BENCHMARKS.md):
 - liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear-cross-entropy (no [tokens, vocab] logits in memory);
-- LoRA without wasted work (`fast_lora`): no dropout op, bf16 adapter math, the adapter's update and its input
-  gradient added inside the base matmuls, one LoRA-A matmul for gate and up, an MLP that keeps no SwiGLU output,
-  and a recompute that stops before down_proj's base matmul;
+- LoRA without wasted work (`fast_lora`): dropout without a kept mask, bf16 adapter math, the adapter's update
+  and its input gradient added inside the base matmuls, one LoRA-A matmul for gate and up, an MLP that keeps no
+  SwiGLU output, and a recompute that stops before down_proj's base matmul;
 - packed rows (several examples per row, padding-free) attend through flex attention with a block mask per
   example: sdpa would run the full masked row (4x the attention time of train.py at 70B shape); a single sequence
   per row keeps sdpa's causal flash kernel;
@@ -15,6 +15,7 @@ What it does, each kept because it measured faster (eval/BENCHMARKS.md):
 """
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch
 
 from ..gptq.layer import GPTQLinear
 from .fast_lora import speed_up_lora
-from .host_offload import HostOffload
+from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
 
 GIB = 2 ** 30
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
@@ -47,7 +48,10 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     device = next(model.parameters()).device
     if liger:
         apply_liger(base, fused_loss=fused_loss)
-    report = {"liger": getattr(base, "_liger_applied", False), "fast_lora_modules": speed_up_lora(model)}
+    lora = speed_up_lora(model)
+    # what keeps PEFT's slower forward, and why: said at start and kept in the run's metrics
+    report = {"liger": getattr(base, "_liger_applied", False), "fast_lora_modules": lora.pop("lean"),
+              "peft_lora_modules": lora}
 
     layers = decoder_layers(base)
     base.config.use_cache = False  # training keeps no KV cache
@@ -68,16 +72,20 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
     # the share of layers whose activations the link moves in the time the GPU runs them forward
     host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
-    plan = plan_recompute(len(layers), *sizes, free_bytes=budget - static - MARGIN_BYTES, host_bytes=host_bytes,
-                          host_share=host_share)
+    plan = plan_for_budget(len(layers), *sizes, budget_bytes=budget, static_bytes=static, seq_len=seq_len,
+                           host_bytes=host_bytes, host_share=host_share)
     apply_plan(layers, plan, hooks)
+    # pinned for the longest row now, not during step 1; every shorter row reuses it
+    offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
+    hooks.arena.reserve(offloaded * plan.host + [sizes[0]] * plan.offload)
     if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
         base.set_attn_implementation("flex_attention")
     report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, host=plan.host,
                   recompute=len(layers) - plan.keep - plan.host, offload=plan.offload,
-                  budget_gib=round(budget / GIB, 1),
+                  budget_gib=round(budget / GIB, 1), model_gib=round(static / GIB, 1),
                   planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
-                  host_gib=round(plan.host * sizes[1] / GIB, 1), host_share=round(host_share, 2),
+                  host_gib=round(plan.host * sizes[1] / GIB, 1), pinned_gib=round(hooks.pinned_bytes / GIB, 1),
+                  host_share=round(host_share, 2),
                   layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
     return report
 
@@ -131,6 +139,27 @@ class RecomputePlan:
         return "host" if (index + 1) * self.host // rest > index * self.host // rest else "recompute"
 
 
+class BudgetTooSmall(ValueError):
+    def __init__(self, free_bytes_needed: float):
+        super().__init__(f"one layer's recompute needs {free_bytes_needed / GIB:.1f} GiB beyond the model")
+        self.free_bytes_needed = free_bytes_needed
+
+
+def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, *, budget_bytes: float,
+                    static_bytes: float, seq_len: int, host_bytes: float = 0, host_share: float = 0) -> RecomputePlan:
+    """`plan_recompute` within a peak of `budget_bytes`, of which the model, adapters, gradients and optimizer
+    state take `static_bytes`; a budget that fits no plan is an error naming the smallest one that does."""
+    try:
+        return plan_recompute(n_layers, input_bytes, saved_bytes, backward_bytes,
+                              free_bytes=budget_bytes - static_bytes - MARGIN_BYTES, host_bytes=host_bytes,
+                              host_share=host_share)
+    except BudgetTooSmall as err:
+        smallest = math.ceil((static_bytes + MARGIN_BYTES + err.free_bytes_needed) / GIB * 10) / 10
+        raise ValueError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
+                         f"model takes {static_bytes / GIB:.1f} GiB and {err}; the smallest budget that fits is "
+                         f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)") from None
+
+
 def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, free_bytes: float,
                    host_bytes: float = 0, host_share: float = 0) -> RecomputePlan:
     """How many layers may skip recompute, keep their activations in host memory, or must hold their input on
@@ -154,9 +183,7 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     # and the one being fetched)
     on_gpu = int((free_bytes - saved_bytes - backward_bytes - 2 * input_bytes) // input_bytes)
     if on_gpu < 0:
-        need = (saved_bytes + backward_bytes + 2 * input_bytes + MARGIN_BYTES) / GIB
-        raise ValueError(f"one layer's recompute at this sequence length needs ~{need:.1f} GiB beyond the model, "
-                         f"more than the memory budget leaves; shorten seq_len or raise memory_budget_gib")
+        raise BudgetTooSmall(saved_bytes + backward_bytes + 2 * input_bytes)
     offload = n_layers - min(on_gpu, n_layers)
     return RecomputePlan(0, offload, (n_layers - offload + 2) * input_bytes + saved_bytes + backward_bytes)
 
@@ -196,6 +223,7 @@ class LayerCost:
     saved_bytes: int  # what autograd saves for its backward (input included)
     backward_bytes: int  # working memory of its backward
     forward_s: float  # one forward
+    tensor_bytes: tuple[int, ...] = ()  # each saved tensor, in order, as a host layer copies them
 
 
 def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) -> LayerCost:
@@ -213,10 +241,13 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) 
             layer(hidden, **kwargs)
             end.record()
         hidden.requires_grad_(True)
-        saved = {}
+        saved, tensors = {}, {}
 
         def pack(tensor):
             saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            # keyed as HostOffload keys its copies: one per saved layout
+            tensors[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(),
+                     tensor.dtype)] = tensor.numel() * tensor.element_size()
             return tensor
 
         torch.cuda.synchronize()
@@ -230,7 +261,7 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) 
         layer.gradient_checkpointing = checkpointing
     saved_bytes = sum(saved.values())
     return LayerCost(hidden.numel() * hidden.element_size(), saved_bytes, max(peak - saved_bytes, 0),
-                     start.elapsed_time(end) / 1e3)
+                     start.elapsed_time(end) / 1e3, tuple(tensors.values()))
 
 
 def linear_parameter_count(model: torch.nn.Module) -> int:

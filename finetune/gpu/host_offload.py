@@ -6,12 +6,12 @@ GPU memory is freed once the copy is done. The backward visits layers in reverse
 tensors it fetches the whole layer and starts fetching the layer before it, whose copy then overlaps this layer's
 backward. For a checkpointed layer only its input is saved, so only that travels.
 
-A tensor saved several times in one layer (the input of q, k and v) travels once. Pinned buffers are pooled and
-reused every step: pinning memory runs at ~1 GB/s, so the pool is filled during the first step only.
+A tensor saved several times in one layer (the input of q, k and v) travels once. Pinned memory comes from a
+`PinnedArena`: slabs allocated once (pinning runs at ~1 GB/s) and carved anew every step, whatever the shapes, so
+packed rows of any length reuse the same bytes: sized up front for the longest row (`reserve`), it never grows.
 """
 
 import weakref
-from collections import defaultdict
 
 import torch
 
@@ -26,19 +26,90 @@ class _Layer:
         self.copies, self.saved, self.previous, self.ready = [], {}, previous, None
 
 
-class _HostCopy:
-    __slots__ = ("host", "pool_key", "device", "on_device", "layer", "unpacks_left")
+class PinnedArena:
+    """Host buffers for one step's saved tensors, carved one after another from equal slabs of pinned memory.
 
-    def __init__(self, host, pool_key, device, layer):
-        self.host, self.pool_key, self.device, self.on_device = host, pool_key, device, None
+    The backward returns every buffer of a step before the next step takes any, so once none is out the next
+    `take` starts again at the first slab: the slabs are reused for shapes of any size. A step that needs more than
+    the slabs hold adds one, which later steps reuse; filling slabs in order (next fit) never needs more slabs for
+    smaller tensors, so once the longest row has run (or `reserve` sized the arena for it), nothing is added.
+    Slabs are a power of two in size, as torch's pinned-memory allocator rounds them. `pin=False` gives ordinary
+    memory: the CPU reference (pinning needs CUDA)."""
+
+    ALIGN = 512  # bytes; every buffer aligned for any dtype and for DMA
+    # slab_bytes: a 4 GiB slab wastes at most one buffer at its end (<= 224 MiB at 70B shape, 4,096 tokens)
+
+    def __init__(self, pin: bool = True, slab_bytes: int = 4 * 2 ** 30):
+        self.pin, self.slab_bytes = pin, slab_bytes
+        self.slabs: list[torch.Tensor] = []
+        self.slab, self.offset, self.out = 0, 0, 0  # where the next buffer goes; buffers not yet given back
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(slab.numel() for slab in self.slabs)
+
+    def reserve(self, step: list[int]) -> None:
+        """Add the slabs that a step taking buffers of these sizes (bytes, in order) needs, now rather than during
+        the first step: the fast path passes what its plan saves at the longest row."""
+        slab, offset = 0, 0
+        for nbytes in step:
+            slab, offset = self._place(self._aligned(nbytes), slab, offset)
+            offset += self._aligned(nbytes)
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised host tensor of `like`'s shape and dtype, with its strides where `like` is dense (as
+        empty_like chooses: the backward gets the layout it saved)."""
+        if self.out == 0:
+            self.slab, self.offset = 0, 0
+        layout = torch.empty_like(like, device="meta")
+        span = (1 + sum((size - 1) * stride for size, stride in zip(layout.shape, layout.stride()))
+                if like.numel() else 0)
+        nbytes = self._aligned(span * like.element_size())
+        self.slab, start = self._place(nbytes, self.slab, self.offset)
+        self.offset = start + nbytes
+        self.out += 1
+        raw = self.slabs[self.slab][start:start + nbytes]
+        return raw.view(like.dtype)[:span].as_strided(layout.shape, layout.stride())
+
+    def _aligned(self, nbytes: int) -> int:
+        return -(-nbytes // self.ALIGN) * self.ALIGN
+
+    def _place(self, nbytes: int, slab: int, offset: int) -> tuple[int, int]:
+        """(slab, offset) where `nbytes` go when the last buffer ended at (slab, offset): there, else at the start
+        of the next slab that holds them, adding one at the end if none does."""
+        while slab < len(self.slabs) and offset + nbytes > self.slabs[slab].numel():
+            slab, offset = slab + 1, 0
+        if slab == len(self.slabs):
+            self.slabs.append(torch.empty(max(self.slab_bytes, 1 << max(nbytes - 1, 0).bit_length()),
+                                          dtype=torch.uint8, pin_memory=self.pin))
+        return slab, offset
+
+    def give_back(self) -> None:
+        """A buffer from `take` is no longer needed (the copy out of it is queued on the stream that fills it)."""
+        self.out -= 1
+
+
+class _HostCopy:
+    __slots__ = ("host", "arena", "device", "on_device", "layer", "unpacks_left")
+
+    def __init__(self, host, arena, device, layer):
+        self.host, self.arena, self.device, self.on_device = host, arena, device, None
         self.layer, self.unpacks_left = layer, 0
+
+    def release(self):
+        if self.host is not None:
+            self.arena.give_back()
+            self.host = self.on_device = None
+
+    def __del__(self):  # a graph freed without its backward (an exception, no backward) returns its buffers too
+        self.release()
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self):
         super().__init__(self._pack, self._unpack)
         self.stream = None
-        self.pool = defaultdict(list)  # (shape, stride, dtype) of the saved tensor -> free pinned buffers
+        self.arena = PinnedArena()
         self.layer = None  # the block being run forward
         self.last = None  # the block run before it
 
@@ -54,7 +125,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for free in self.pool.values() for b in free)
+        return self.arena.pinned_bytes
 
     def _pack(self, tensor):
         if self.layer is None or not tensor.is_cuda or tensor.numel() * tensor.element_size() < OFFLOAD_MIN_BYTES:
@@ -66,16 +137,12 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         copy = self.layer.saved.get(key, (None, None))[0]
         if copy is None:
             self.stream = self.stream or torch.cuda.Stream(tensor.device)
-            # keyed by the saved tensor's layout, not the buffer's: empty_like keeps the strides of a dense tensor
-            # (the backward gets the layout it saved) and makes others contiguous
-            pool_key = (tensor.shape, tensor.stride(), tensor.dtype)
-            free = self.pool[pool_key]
-            host = free.pop() if free else torch.empty_like(tensor, device="cpu", pin_memory=True)
+            host = self.arena.take(tensor)
             self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor, non_blocking=True)
             tensor.record_stream(self.stream)  # its memory is reused only after the copy
-            copy = _HostCopy(host, pool_key, tensor.device, self.layer)
+            copy = _HostCopy(host, self.arena, tensor.device, self.layer)
             self.layer.copies.append(copy)
             self.layer.saved[key] = (copy, tensor)
         copy.unpacks_left += 1
@@ -95,8 +162,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         tensor = copy.on_device
         copy.unpacks_left -= 1
         if copy.unpacks_left == 0:  # the buffer's next copy-in is queued behind this copy-out, same stream
-            self.pool[copy.pool_key].append(copy.host)
-            copy.host = copy.on_device = None
+            copy.release()
         return tensor
 
     def _fetch(self, layer: _Layer):

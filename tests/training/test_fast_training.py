@@ -13,8 +13,9 @@ from finetune.gptq.format import GPTQConfig
 from finetune.gptq.loader import load_model
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
-from finetune.gpu.fast_lora import speed_up_lora
-from finetune.gpu.fast_training import RecomputePlan, apply_plan, decoder_layers, plan_recompute
+from finetune.gpu.fast_lora import draw_seed, dropout_mask, speed_up_lora
+from finetune.gpu.fast_training import RecomputePlan, apply_plan, decoder_layers, plan_for_budget, plan_recompute
+from finetune.gpu.host_offload import PinnedArena
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)
@@ -28,10 +29,10 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def lora_model(checkpoint, device="cpu"):
+def lora_model(checkpoint, device="cpu", dropout=0.0):
     torch.manual_seed(0)  # same LoRA A init in every model
     model = get_peft_model(load_model(checkpoint, device=device),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"]))
     for name, param in model.named_parameters():
@@ -66,7 +67,7 @@ def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
     reference_loss, reference = loss_and_grads(lora_model(checkpoint), tokens)
 
     model = lora_model(checkpoint)
-    assert speed_up_lora(model) == 7 * TINY.num_hidden_layers
+    assert speed_up_lora(model) == {"lean": 7 * TINY.num_hidden_layers}
     base = model.get_base_model()
     base.activation_checkpointing_enable()
     layers = decoder_layers(base)
@@ -77,6 +78,48 @@ def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
         assert loss == pytest.approx(reference_loss, rel=1e-6)
         for name, grad in grads.items():
             assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, name
+
+
+class SameMaskDropout(torch.nn.Dropout):
+    """PEFT's dropout module, drawing its mask as the lean path does: the same seeds in the same order."""
+
+    def forward(self, x):
+        return x * dropout_mask(x, self.p, draw_seed()) / (1 - self.p) if self.training else x
+
+
+def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpoint):
+    """fp32 on the CPU: PEFT's own LoRA forward and backward, its dropout modules drawing the lean path's masks,
+    against the lean path (which keeps no mask and draws it again in the backward), with every layer kept and with
+    every layer recomputed (the recompute draws its masks once more)."""
+    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    reference_model = lora_model(checkpoint, dropout=0.1)
+    for module in reference_model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = SameMaskDropout(0.1)
+    torch.manual_seed(7)
+    reference_loss, reference = loss_and_grads(reference_model, tokens)
+    no_dropout_loss = loss_and_grads(reference_model.eval(), tokens)[0]
+    assert abs(reference_loss - no_dropout_loss) > 1e-3  # the masks change the result
+
+    model = lora_model(checkpoint, dropout=0.1)
+    assert speed_up_lora(model) == {"lean": 7 * TINY.num_hidden_layers}
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    for keep in (3, 0):
+        apply_plan(decoder_layers(base), RecomputePlan(keep=keep, offload=0, bytes=0), hooks=None)
+        torch.manual_seed(7)
+        loss, grads = loss_and_grads(model, tokens)
+        assert loss == pytest.approx(reference_loss, rel=1e-6)
+        for name, grad in grads.items():
+            assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, (keep, name)
+
+
+def test_lora_the_lean_path_cannot_take_is_counted_with_its_reason(checkpoint):
+    model = lora_model(checkpoint, dropout=0.1)
+    mlp = model.get_base_model().model.layers[0].mlp
+    mlp.up_proj.lora_dropout["default"] = torch.nn.AlphaDropout(0.1)
+    assert speed_up_lora(model) == {"lean": 7 * TINY.num_hidden_layers - 1, "a dropout other than torch.nn.Dropout": 1}
+    assert not isinstance(mlp.forward, functools.partial)  # its MLP keeps the plain forward too
 
 
 def test_recompute_skips_the_last_base_matmul_of_each_layer(checkpoint):
@@ -132,8 +175,66 @@ def test_plan_moves_inputs_to_the_host_only_as_needed():
     on_gpu = (45 * 1024 - 8800 - 4000 - 2 * 512) // 512
     assert (plan.keep, plan.offload) == (0, 80 - on_gpu)
     assert [plan.mode(i, 80) for i in (0, plan.offload - 1, plan.offload)] == ["offload", "offload", "recompute"]
-    with pytest.raises(ValueError, match="shorten seq_len or raise memory_budget_gib"):
+    with pytest.raises(fast_training.BudgetTooSmall, match="recompute needs 13.5 GiB beyond the model"):
         plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=10 * 1024 * MIB)
+
+
+def test_budget_too_small_names_the_smallest_budget_that_fits():
+    # 70B shape at 4,096 tokens: 64 MiB layer input, 862 MiB saved, 1.5 GiB backward; model, adapters and AdamW 37.5 GiB
+    sizes = dict(input_bytes=64 * MIB, saved_bytes=862 * MIB, backward_bytes=1536 * MIB)
+    with pytest.raises(ValueError) as error:
+        plan_for_budget(80, **sizes, budget_bytes=40 * 1024 * MIB, static_bytes=37.5 * 1024 * MIB, seq_len=4096)
+    # 37.5 + 2 (margin) + (862 + 1536 + 2 x 64) / 1024 = 41.97 GiB
+    assert str(error.value) == ("memory_budget_gib=40 is too small for 4096 tokens per row: the model takes 37.5 GiB "
+                                "and one layer's recompute needs 2.5 GiB beyond the model; the smallest budget that "
+                                "fits is 42 GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)")
+    plan = plan_for_budget(80, **sizes, budget_bytes=42 * 1024 * MIB, static_bytes=37.5 * 1024 * MIB, seq_len=4096)
+    assert (plan.keep, plan.offload) == (0, 80)  # fits: every layer recomputes, its input waits on the host
+    # a 48 GB card's budget with a smaller model (a 3-bit branch, ~29 GiB with adapters and AdamW): fits
+    fits = plan_for_budget(80, **sizes, budget_bytes=40 * 1024 * MIB, static_bytes=29 * 1024 * MIB, seq_len=4096)
+    assert fits.bytes <= (40 - 29 - 2) * 1024 * MIB
+
+
+def saved_like(tokens: int, hidden: int = 64) -> list[torch.Tensor]:
+    """What one layer saves at `tokens` tokens: dense, transposed (dense, other strides), and a strided view."""
+    wide = torch.empty(1, tokens, 3 * hidden, dtype=torch.bfloat16)
+    return [torch.empty(1, tokens, hidden), torch.empty(1, 4, tokens, hidden // 4).transpose(1, 2),
+            wide, wide[..., ::3], torch.empty(tokens, dtype=torch.int64)]
+
+
+def test_pinned_arena_is_reused_for_rows_of_any_length():
+    """The host layers' buffers come from one arena: sized once for the longest row, no row adds to it; each
+    buffer has the saved tensor's layout where that is dense, and no two buffers of a step overlap."""
+    longest, layers = 512, 6
+    arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
+    arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
+    reserved = arena.pinned_bytes
+    assert reserved >= layers * sum(t.numel() * t.element_size() for t in saved_like(longest))
+    for step, tokens in enumerate((300, 512, 17, 480, 512, 129, 4)):
+        taken = []
+        for layer in range(layers):
+            for i, like in enumerate(saved_like(tokens)):
+                host = arena.take(like)
+                assert host.shape == like.shape and host.dtype == like.dtype
+                if like.is_contiguous() or i == 1:  # dense: its own strides
+                    assert host.stride() == like.stride()
+                host.fill_(step * 100 + layer * 10 + i)
+                taken.append((host, step * 100 + layer * 10 + i))
+        assert all(bool((host == value).all()) for host, value in taken)  # nothing written over another
+        for _ in taken:
+            arena.give_back()
+        assert arena.pinned_bytes == reserved, f"step {step} ({tokens} tokens) grew the arena"
+
+    # without reserve: it grows until the longest row has run, and never after
+    arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
+    sizes = []
+    for tokens in (100, 512, 300, 512, 1, 511):
+        for like in saved_like(tokens) * layers:
+            arena.take(like)
+        for _ in saved_like(tokens) * layers:
+            arena.give_back()
+        sizes.append(arena.pinned_bytes)
+    assert sizes[0] < sizes[1] and sizes[1:] == [sizes[1]] * 5
 
 
 def test_mlp_keeps_gate_and_up_but_not_their_product(checkpoint):
