@@ -3,6 +3,7 @@ modules, and the estimated GPU memory to LoRA-train it.
 
     python finetune/describe.py TheBloke/meditron-70B-GPTQ --revision gptq-4bit-32g-actorder_True --seq-len 8192
     python finetune/describe.py path/to/local/gptq-dir
+    python finetune/describe.py TheBloke/meditron-70B-GPTQ --revision gptq-4bit-128g-actorder_True --gpus 2
 """
 
 import os
@@ -23,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="Hub branch, e.g. gptq-4bit-128g-actorder_True (default: main)")
     parser.add_argument("--seq-len", type=int, default=4096, help="training sequence length for the memory estimate")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all seven projections for the estimate")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs the model is sharded over with FSDP2 (accelerate_fsdp.yaml): memory per GPU")
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f"--gpus {args.gpus}: give a number of GPUs >= 1")
     try:
-        info = describe_checkpoint(args.source, args.revision, args.seq_len, args.lora_r)
+        info = describe_checkpoint(args.source, args.revision, args.seq_len, args.lora_r, args.gpus)
     except GPTQFormatError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_report(info, args.seq_len, args.lora_r))
+    print(format_report(info, args.seq_len, args.lora_r, args.gpus))
     return 0
 
 

@@ -84,7 +84,7 @@ def time_training(model, seq_len: int, steps: int, warmup: int, data_parallel: b
     tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
     if data_parallel:
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        # the GPTQ weights are buffers: not re-broadcast every step (finetune.training.sft sets the same)
+        # no buffer re-broadcast every step (finetune.training.sft sets the same)
         accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         processes = accelerator.num_processes
         tokens = torch.roll(tokens, accelerator.process_index * 997)  # each process its own sequence
@@ -185,7 +185,7 @@ def dequant_case(spec: dict) -> dict:
             for name, tensor in random_gptq_linear(in_f, out_f, config, generator, "cuda").items():
                 setattr(layer, name, tensor)
             ms = triton.testing.do_bench(lambda: dequantize_triton(layer, torch.bfloat16), return_mode="median")
-            moved = sum(b.numel() * b.element_size() for b in layer.buffers()) + 2 * in_f * out_f
+            moved = sum(p.numel() * p.element_size() for p in layer.parameters()) + 2 * in_f * out_f
             rows[f"{bits}b {in_f}x{out_f}"] = {"ms": round(ms, 3), "GB_per_s": round(moved / ms / 1e6)}
     return rows
 

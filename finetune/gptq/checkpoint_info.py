@@ -64,7 +64,9 @@ def _hub_tensors(repo_id: str, revision: str | None) -> tuple[dict, dict]:
     return tensors, sizes
 
 
-def describe_checkpoint(source: str, revision: str | None = None, seq_len: int = 4096, lora_r: int = 16) -> CheckpointInfo:
+def describe_checkpoint(source: str, revision: str | None = None, seq_len: int = 4096, lora_r: int = 16,
+                        gpus: int = 1) -> CheckpointInfo:
+    """The checkpoint's settings, shards and modules; memory_gib per GPU when sharded over `gpus` (FSDP2)."""
     model_dir = resolve_source(source, revision, weights=False)
     gptq = read_gptq_config(model_dir)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
@@ -75,11 +77,11 @@ def describe_checkpoint(source: str, revision: str | None = None, seq_len: int =
     in_quantised = {n: n.rsplit(".", 1)[0] in quantised_modules for n in tensors}
     quantised = sum(info.tensor_bytes(n) for n, q in in_quantised.items() if q)
     dense_params = sum(info.tensor_numel(n) for n, q in in_quantised.items() if not q)
-    info.memory_gib = estimate_lora_training_memory(shape, quantised, dense_params, seq_len, lora_r)
+    info.memory_gib = estimate_lora_training_memory(shape, quantised, dense_params, seq_len, lora_r, gpus=gpus)
     return info
 
 
-def format_report(info: CheckpointInfo, seq_len: int, lora_r: int) -> str:
+def format_report(info: CheckpointInfo, seq_len: int, lora_r: int, gpus: int = 1) -> str:
     g = info.gptq
     group = "none (one group per column)" if g.group_size == -1 else str(g.group_size)
     fmt = {"gptq": "gptq (v1: zeros stored minus one)", "gptq_v2": "gptq_v2"}[g.checkpoint_format]
@@ -96,7 +98,8 @@ def format_report(info: CheckpointInfo, seq_len: int, lora_r: int) -> str:
     dense = sorted({n.rsplit(".", 1)[0] for n in info.tensors} - set(info.quantised_modules))
     dense_kinds = Counter(re.sub(r"\.\d+\.", ".N.", m) for m in dense)
     lines.append("  unquantised: " + ", ".join(f"{p} ×{c}" if c > 1 else p for p, c in sorted(dense_kinds.items())))
-    lines.append(f"  estimated GPU memory to LoRA-train (r={lora_r}, seq {seq_len}, bf16, gradient checkpointing):")
+    plan = f", per GPU of {gpus} sharded with FSDP2" if gpus > 1 else ""
+    lines.append(f"  estimated GPU memory to LoRA-train (r={lora_r}, seq {seq_len}, bf16, gradient checkpointing{plan}):")
     lines += [f"    {term:<28} {gib:7.2f} GiB" for term, gib in info.memory_gib.items() if term != "total"]
     lines.append(f"    {'total':<28} {info.memory_gib['total']:7.2f} GiB")
     return "\n".join(lines)

@@ -5,6 +5,10 @@ backward dequantises the weight again instead of keeping a dense copy alive betw
 That is what lets a 70B model train with LoRA in the memory of its 4-bit weights. The weight gets no
 gradient (it is frozen; LoRA trains beside it), so the input activation need not be saved either.
 
+The packed tensors are frozen parameters (requires_grad=False), not buffers: FSDP2 shards parameters, so under
+`fully_shard` each GPU keeps its slice and the layer reads the gathered tensors through the same attributes
+during forward and backward. DDP all-reduces only parameters that need a gradient, so it leaves them alone.
+
 Dequantisation goes through `dequantizer(device)`: the one seam where GPU kernels plug in. The plain-torch
 reference in `format.dequantize` serves the CPU and defines the exact result every kernel must match.
 """
@@ -14,6 +18,8 @@ from torch import nn
 
 from . import format as gptq_format
 from .format import GPTQConfig
+
+PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # frozen parameters, so that FSDP2 shards them
 
 
 def dequantizer(device: torch.device):
@@ -52,12 +58,17 @@ class GPTQLinear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.checkpoint_format = config.bits, config.group_size, config.checkpoint_format
         shapes = gptq_format.expected_shapes(config, in_features, out_features)
-        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
-        self.register_buffer("g_idx", gptq_format.default_g_idx(in_features, config.group_size, device))
+        self.qweight = torch.zeros(shapes["qweight"], dtype=torch.int32, device=device)
+        self.qzeros = torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device)
+        self.scales = torch.zeros(shapes["scales"], dtype=torch.float16, device=device)
+        self.g_idx = gptq_format.default_g_idx(in_features, config.group_size, device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_parameter("weight", None)  # no dense weight; PEFT reads `.weight` of every nn.Linear
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in PACKED_TENSORS and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)  # assigning a tensor keeps it a frozen parameter
+        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _GPTQMatmul.apply(x, self)

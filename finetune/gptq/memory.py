@@ -6,6 +6,10 @@ dtype, LoRA parameters with fp32 master copy, gradient and AdamW moments, one sa
 under gradient checkpointing, one layer's activations while it is recomputed, the dequantised-weight
 workspace, the logits and their loss, and a fixed runtime overhead. Checked against measured peaks in
 eval/BENCHMARKS.md.
+
+With `gpus` > 1 it is the per-GPU memory of the FSDP2 plan (accelerate_fsdp.yaml): every weight and the LoRA
+optimiser state are split across the GPUs, and two decoder layers are gathered whole at a time (the one computing
+and the one prefetched), plus the output layer, which stays gathered from the last forward to the first backward.
 """
 
 from dataclasses import dataclass
@@ -41,8 +45,9 @@ class ModelShape:
 
 def estimate_lora_training_memory(shape: ModelShape, quantised_bytes: int, dense_params: int, seq_len: int,
                                   lora_r: int = 16, lora_targets: tuple[str, ...] | None = None,
-                                  dtype_bytes: int = 2) -> dict[str, float]:
-    """GiB per term and in total, for one sequence of `seq_len` tokens with gradient checkpointing."""
+                                  dtype_bytes: int = 2, gpus: int = 1) -> dict[str, float]:
+    """GiB per term and in total, for one sequence of `seq_len` tokens with gradient checkpointing, on each of
+    `gpus` GPUs (more than one: the FSDP2 plan)."""
     linears = shape.linear_shapes()
     targets = lora_targets or tuple(linears)
     lora_params = shape.layers * sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets if t in linears)
@@ -51,15 +56,18 @@ def estimate_lora_training_memory(shape: ModelShape, quantised_bytes: int, dense
     layer_activations = seq_len * (5 * shape.hidden + 2 * kv + 3 * shape.intermediate) * dtype_bytes
     largest_weight = max(i * o for i, o in linears.values())
     terms = {
-        "quantised weights": quantised_bytes,
-        "dense weights": dense_params * dtype_bytes,
-        "LoRA + AdamW": lora_params * LORA_BYTES_PER_PARAM,
+        "quantised weights": quantised_bytes / gpus,
+        "dense weights": dense_params * dtype_bytes / gpus,
+        "LoRA + AdamW": lora_params * LORA_BYTES_PER_PARAM / gpus,
         "checkpointed hidden states": shape.layers * seq_len * shape.hidden * dtype_bytes,
         "one layer's activations": layer_activations,
         "dequantise workspace": 2 * largest_weight * dtype_bytes,
         "logits + loss": seq_len * shape.vocab * (dtype_bytes + 4 + 4),
         "runtime overhead": RUNTIME_OVERHEAD_BYTES,
     }
+    if gpus > 1:
+        terms["two gathered layers"] = 2 * quantised_bytes / shape.layers * (1 - 1 / gpus)
+        terms["gathered output layer"] = shape.vocab * shape.hidden * dtype_bytes * (1 - 1 / gpus)
     gib = {name: value / GIB for name, value in terms.items()}
     gib["total"] = sum(gib.values())
     return gib

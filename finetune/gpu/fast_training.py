@@ -228,7 +228,8 @@ class LayerCost:
 
 def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) -> LayerCost:
     """One decoder layer at `tokens` tokens, measured on the GPU as it will train (LoRA, liger)."""
-    frozen = next(p for p in layer.parameters() if not p.requires_grad)  # a norm weight: the activation dtype
+    # a norm weight gives the activation dtype (the GPTQ tensors are frozen parameters too, but int32/fp16)
+    frozen = next(p for n, p in layer.named_parameters() if not p.requires_grad and n.endswith("norm.weight"))
     hidden = torch.randn(1, tokens, rotary.config.hidden_size, device=frozen.device, dtype=frozen.dtype)
     position_ids = torch.arange(tokens, device=frozen.device)[None]
     kwargs = dict(position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)

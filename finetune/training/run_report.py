@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from ..config.files import write_atomic
+from .fsdp import full_adapter_state
 
 
 def save_config(cfg: DictConfig, run_dir: Path, command: str) -> None:
@@ -64,9 +65,12 @@ class RunReport(TrainerCallback):
 def save_adapter(trainer, run_dir: Path) -> Path:
     """The trained adapter (and tokenizer) as `run_dir/adapter`, in PEFT's format, via a temp folder."""
     final, tmp = run_dir / "adapter", run_dir / ".adapter.tmp"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # sharded (FSDP2): every rank gathers the adapter whole, rank 0 saves it as one process would
+    state = full_adapter_state(model) if trainer.is_fsdp_enabled else None
     if trainer.accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         trainer.processing_class.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)  # present only if a finished run was resumed and finished again
         os.replace(tmp, final)

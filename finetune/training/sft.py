@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState, init_empty_weights
+from accelerate.utils import FullyShardedDataParallelPlugin
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
@@ -37,6 +38,7 @@ from ..gptq.loader import resolve_source
 from ..gptq.memory import ModelShape, estimate_lora_training_memory
 from ..models.source import model_source
 from .eval_callback import SliceAccuracyCallback, training_slice
+from . import fsdp
 from .run_report import RunReport, save_adapter, save_config
 
 DATA_ENTRY_KEYS = ("benchmark", "split", "source", "explanation", "options")
@@ -53,6 +55,7 @@ class Prepared:
     data_report: dict
     resume_from: Path | None
     eval_slice: tuple[str, list]  # eval.during_training: (benchmark, items), no items when off
+    fsdp: FullyShardedDataParallelPlugin | None = None  # launched with accelerate_fsdp.yaml: weights sharded
 
 
 def check_model(cfg: DictConfig, source: str | Path) -> Path:
@@ -112,8 +115,8 @@ def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     if on_gpu and cfg.gpu.fast_path:  # finetune.gpu.fast_training plans recompute per layer and applies liger itself
         train.update(activation_checkpointing=False, use_liger_kernel=False)
     try:
-        # ddp_broadcast_buffers: the GPTQ weights are buffers, identical on every GPU; DDP's default would
-        # re-broadcast the whole 4-bit model from GPU 0 at every step (-6 % of 2-GPU speed, eval/BENCHMARKS.md)
+        # ddp_broadcast_buffers: the buffers (rotary tables) are identical on every GPU; no re-broadcast every step
+        # (the GPTQ weights, once buffers re-broadcast at -6 % of 2-GPU speed, are now frozen parameters)
         return SFTConfig(**{"bf16": on_gpu, "dataloader_pin_memory": on_gpu, "ddp_broadcast_buffers": False, **train},
                          output_dir=str(output_dir),
                          run_name=Path(cfg.output_dir).name, seed=cfg.seed, eos_token=chatml.IM_END,
@@ -139,13 +142,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
     check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
+    plugin = fsdp.fsdp_plugin()
+    if plugin is not None:
+        fsdp.check_fsdp_setup(plugin, cfg.gpu.fast_path)
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
     source = model_source(cfg)
     model_dir = check_model(cfg, source)
+    if plugin is not None:
+        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes)
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
         eval_slice = training_slice(cfg)
-    return Prepared(cfg, source, model_dir, dataset, data_report, resume_from, eval_slice)
+    return Prepared(cfg, source, model_dir, dataset, data_report, resume_from, eval_slice, plugin)
 
 
 def load_model_and_tokenizer(prepared: Prepared):
@@ -153,7 +161,9 @@ def load_model_and_tokenizer(prepared: Prepared):
     cfg = prepared.cfg
     tokenizer = AutoTokenizer.from_pretrained(prepared.model_dir)
     added_ids = chatml.prepare_tokenizer(tokenizer)
-    model = load_model(prepared.model_source, revision=cfg.model.revision)
+    # sharded: read to host memory; accelerate's fully_shard moves each layer's slice to this process's GPU
+    on_host = {"device": "cpu", "dtype": torch.bfloat16 if PartialState().device.type == "cuda" else None}
+    model = load_model(prepared.model_source, revision=cfg.model.revision, **(on_host if prepared.fsdp else {}))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         set_seed(cfg.seed)  # the new rows start from a seeded draw around the mean embedding
         model.resize_token_embeddings(len(tokenizer))
@@ -186,6 +196,9 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     model, tokenizer, added_ids = load_model_and_tokenizer(prepared)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
+    if prepared.fsdp is not None:  # accelerate shards the model when training starts
+        fsdp.keep_stored_dtypes(trainer.accelerator.state.fsdp_plugin)
+        fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
     if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
@@ -254,12 +267,16 @@ def first_examples(trainer: SFTTrainer, n: int = 2) -> list[tuple[list[int], lis
 def estimate_memory(model, cfg: DictConfig) -> dict[str, float]:
     """GiB to train this model at train.max_length (finetune.gptq.memory's model), from the loaded model's sizes."""
     quantised = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    quantised_bytes = sum(b.numel() * b.element_size() for m in quantised for b in m.buffers(recurse=False))
-    dense_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    quantised_bytes = sum(t.numel() * t.element_size() for m in quantised
+                          for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+    quantised_ids = {id(p) for m in quantised for p in m.parameters(recurse=False)}
+    dense_params = sum(p.numel() for name, p in model.named_parameters()
+                       if "lora_" not in name and id(p) not in quantised_ids)
     dtype_bytes = 2 if PartialState().device.type == "cuda" else 4
+    gpus = PartialState().num_processes if fsdp.fsdp_plugin() else 1  # sharded: per GPU
     return estimate_lora_training_memory(ModelShape.from_config(model.config), quantised_bytes, dense_params,
                                          cfg.train.max_length, cfg.lora.r, tuple(cfg.lora.target_modules),
-                                         dtype_bytes)
+                                         dtype_bytes, gpus)
 
 
 def dry_run(cfg: DictConfig, steps: int = 2) -> list[float]:
@@ -280,7 +297,8 @@ def dry_run(cfg: DictConfig, steps: int = 2) -> list[float]:
             for in_loss, text in trained_spans(trainer.processing_class, input_ids, labels):
                 print(f"  {'TRAINED' if in_loss else 'masked '} {text!r}")
         memory = estimate_memory(trainer.model, cfg)
-        print(f"\nestimated memory at max_length={cfg.train.max_length}: {memory['total']:.2f} GiB ("
+        per_gpu = f" per GPU of {PartialState().num_processes} (FSDP2)" if prepared.fsdp else ""
+        print(f"\nestimated memory at max_length={cfg.train.max_length}{per_gpu}: {memory['total']:.2f} GiB ("
               + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total") + ")")
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -1,0 +1,113 @@
+"""FSDP2 sharding of the GPTQ weights (accelerate_fsdp.yaml): two ranks on the CPU (gloo) against one process, the
+checks that refuse a bad setup before loading, and the per-GPU memory estimate of the sharded plan."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+
+from finetune.config.recipe import RecipeError, compose_recipe
+from finetune.gptq.format import GPTQConfig
+from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
+from finetune.training import sft
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "training" / "fsdp_worker.py"
+# down_proj's 160 inputs make 5 groups of 32: an uneven split (3 + 2 rows) as well as even ones
+TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gptq-fsdp")
+    write_random_gptq_checkpoint(path, TINY, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    return path
+
+
+def test_two_ranks_train_as_one_process(checkpoint, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(one)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", "29571", str(WORKER), str(checkpoint), str(two), "--fsdp"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    for run in runs:
+        output = run.communicate(timeout=300)[0]
+        assert run.returncode == 0, output[-3000:]
+    single, ranks = torch.load(one / "results-0.pt"), [torch.load(two / f"results-{r}.pt") for r in (0, 1)]
+    assert ranks[0]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    for rank in ranks:
+        assert rank["grads"].keys() == single["grads"].keys() and len(single["grads"]) == 2 * 7 * TINY.num_hidden_layers
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    # every packed tensor of every GPTQ layer is sharded along its rows: each rank holds its half (rounded up first)
+    assert len(ranks[0]["shapes"]) == 4 * 7 * TINY.num_hidden_layers
+    for name, (local, full) in ranks[0]["shapes"].items():
+        rows = -(-full[0] // 2)
+        assert local == (rows, *full[1:]) and ranks[1]["shapes"][name][0] == (full[0] - rows, *full[1:]), name
+    # the adapter after the same optimiser step, saved in PEFT's format as one process saves it
+    single_adapter, sharded_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
+    assert sharded_adapter.keys() == single_adapter.keys() and len(single_adapter) == 2 * 7 * TINY.num_hidden_layers
+    for name, tensor in single_adapter.items():
+        torch.testing.assert_close(sharded_adapter[name], tensor, rtol=1e-5, atol=1e-7)
+    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (one, two)]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])  # a set: its order varies between processes
+    assert configs[0] == configs[1]
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+         "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"FSDP_VERSION": "1"}, r"^fsdp_version 1 \(FSDP1\) .* set fsdp_version: 2 \(see accelerate_fsdp.yaml\)$"),
+    ({"FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, r"^fsdp_sharding_strategy HYBRID_SHARD is not supported .*"
+                                                 r"fsdp_reshard_after_forward: true"),
+    ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, r"^accelerate's FSDP settings: .*see accelerate_fsdp.yaml$"),
+    ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, r"^fsdp_auto_wrap_policy must be TRANSFORMER_BASED_WRAP"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, r"^fsdp_offload_params: true is not supported"),
+])
+def test_bad_fsdp_setups_fail_before_loading(checkpoint, tmp_path, monkeypatch, setting, message):
+    for key, value in {**FSDP2, **setting}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={tmp_path}/run"])
+    with pytest.raises(RecipeError, match=message):
+        sft.prepare(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cap_below_the_sharded_plan_fails_before_loading(checkpoint, tmp_path, monkeypatch):
+    for key, value in FSDP2.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={tmp_path}/run",
+                                   "gpu.memory_budget_gib=0.5", "train.max_length=4096"])
+    with pytest.raises(RecipeError, match=r"^gpu.memory_budget_gib=0.5 is below the ~1\.\d GiB per GPU this model "
+                                          r"needs sharded over 1 GPUs at train.max_length=4096 \(estimate\); use more "
+                                          "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap$"):
+        sft.prepare(cfg)
+
+
+def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
+    """describe.py --gpus 2: per GPU, half the weights and LoRA state, plus the two layers and the output layer
+    gathered whole."""
+    from finetune.gptq.checkpoint_info import describe_checkpoint
+    one, two = (describe_checkpoint(str(checkpoint), seq_len=512, gpus=n).memory_gib for n in (1, 2))
+    assert "two gathered layers" not in one
+    for term in ("quantised weights", "dense weights", "LoRA + AdamW"):
+        assert two[term] == pytest.approx(one[term] / 2)
+    assert two["two gathered layers"] == pytest.approx(one["quantised weights"] / TINY.num_hidden_layers)
+    assert two["gathered output layer"] == pytest.approx(TINY.vocab_size * TINY.hidden_size * 2 / 2 / 1024 ** 3)
+    report = subprocess.run([sys.executable, str(REPO / "finetune" / "describe.py"), str(checkpoint), "--gpus", "2",
+                             "--seq-len", "512"], capture_output=True, text=True, check=True).stdout
+    assert "gradient checkpointing, per GPU of 2 sharded with FSDP2):" in report
+    assert f"{'total':<28} {two['total']:7.2f} GiB" in report
