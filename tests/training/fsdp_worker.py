@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from finetune.gptq.layer import PACKED_TENSORS
@@ -50,6 +51,8 @@ def main(checkpoint: str, out: str, sharded: bool) -> None:
         keep_stored_dtypes(plugin)
         accelerator.state.fsdp_plugin = plugin
         model = fsdp2_prepare_model(accelerator, model)
+    # FSDP units: each decoder layer (LoRA inside), the embedding, the output tail, the root
+    units = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
     shapes = {name: (tuple(p.to_local().shape), tuple(p.shape)) for name, p in model.named_parameters()
               if name.rsplit(".", 1)[-1] in PACKED_TENSORS and isinstance(p, DTensor)}
     tokens = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -67,7 +70,7 @@ def main(checkpoint: str, out: str, sharded: bool) -> None:
     if accelerator.is_main_process:
         model.save_pretrained(out / "adapter", state_dict=state)
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean") if sharded else loss.detach()
-    torch.save({"loss": mean_loss.item(), "grads": grads, "shapes": shapes},
+    torch.save({"loss": mean_loss.item(), "grads": grads, "shapes": shapes, "units": units},
                out / f"results-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()

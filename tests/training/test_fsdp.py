@@ -49,6 +49,9 @@ def test_two_ranks_train_as_one_process(checkpoint, tmp_path):
         assert rank["grads"].keys() == single["grads"].keys() and len(single["grads"]) == 2 * 7 * TINY.num_hidden_layers
         for name, grad in single["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    layers = [f"base_model.model.model.layers.{i}" for i in range(TINY.num_hidden_layers)]
+    assert ranks[0]["units"] == sorted(["", "base_model.model.lm_head", "base_model.model.model.embed_tokens",
+                                        *layers])
     # every packed tensor of every GPTQ layer is sharded along its rows: each rank holds its half (rounded up first)
     assert len(ranks[0]["shapes"]) == 4 * 7 * TINY.num_hidden_layers
     for name, (local, full) in ranks[0]["shapes"].items():
