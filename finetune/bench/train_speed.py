@@ -43,7 +43,15 @@ def write_checkpoint(spec: dict) -> dict:
     from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
     start = time.perf_counter()
     config = GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["act_order"])
-    write_random_gptq_checkpoint(spec["checkpoint"], llama2_70b_config(spec["layers"]), config, device="cuda")
+    model_config, tokenizer = llama2_70b_config(spec["layers"]), None
+    if spec.get("tokenizer"):  # a real tokenizer beside the weights, so that train.py can run on real text
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+        model_config.vocab_size = len(tokenizer)
+    write_random_gptq_checkpoint(spec["checkpoint"], model_config, config,
+                                 device="cuda" if torch.cuda.is_available() else "cpu")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(spec["checkpoint"])
     return {"seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -87,6 +87,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
                   host_gib=round(plan.host * sizes[1] / GIB, 1), pinned_gib=round(hooks.pinned_bytes / GIB, 1),
                   host_share=round(host_share, 2),
                   layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
+    base.fast_training_report = report  # for the run's metrics (training.run_report)
     return report
 
 

@@ -206,6 +206,9 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
                                     host_memory_gib=cfg.gpu.host_memory_gib,
                                     packed=cfg.train.get("packing", False))
         trainer.accelerator.print(f"fast GPU path: {plan}")
+        if plan["peft_lora_modules"]:  # also in metrics.json's fast_path
+            trainer.accelerator.print("fast GPU path: " + "; ".join(
+                f"{n} LoRA modules keep PEFT's slower forward: {why}" for why, n in plan["peft_lora_modules"].items()))
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):
         # TRL's fused loss reads lm_head.weight and lm_head.bias; PEFT's wrapper passes on only .weight (the

@@ -73,6 +73,10 @@ def test_run_directory(smollm2_run):
     assert [entry["step"] for entry in metrics["loss"]] == [1, 2, 3]
     assert all(0 < entry["loss"] < 10 for entry in metrics["loss"])
     assert metrics["summary"]["step"] == 3
+    # this process's steps: time, tokens/s from TRL's token count, host memory; no GPU fast path on the CPU
+    assert [entry["step"] for entry in metrics["speed"]] == [1, 2, 3] and metrics["fast_path"] is None
+    assert all(entry["seconds"] > 0 and entry["tokens_per_s"] > 0 and entry["host_rss_gib"] > 0.1
+               for entry in metrics["speed"])
     assert metrics["data"]["pubmedqa"] == {"benchmark": "pubmedqa", "split": "train_dev",
                                            "source": str(REPO / "data" / "smoke_pubmedqa.json"), "examples": 30,
                                            "skipped_rows": 0, "skipped": [], "dropped_without_explanation": 0}

@@ -1,0 +1,216 @@
+"""Training speed of the product: `train.py recipe=medqa` itself on real packed MedQA rows, and the peer stack on the
+same rows, in the same run.
+
+    MEDQA_DATA_ROOT=../shared/data python -m finetune.bench.product_speed --layers 80 --steps 150 --out runs/product
+
+Writes a random-weight GPTQ checkpoint of Llama-2-70B shape with a real tokenizer beside it (SmolLM2's by default:
+values do not change speed; shapes and packing do), then runs, each in its own process:
+  peer     transformers + optimum + gptqmodel (GPTQConfig(backend="auto_trainable"), sdpa) with the recipe's PEFT
+           LoRA, under TRL's SFTTrainer with the recipe's SFTConfig and activation checkpointing: the same packed
+           rows in the same order (same tokenizer, data and seed), for --peer-steps steps
+  product  `accelerate launch finetune/train.py recipe=medqa model.name=<checkpoint> ...` with the recipe's
+           defaults except: MedQA-4 from the local test file (the training split is on the Hub only), one row per
+           optimiser step (gradient_accumulation_steps=1), no wandb
+Both log every step (training.run_report: seconds, tokens/s from TRL's token count, host RSS, pinned bytes, GPU
+peak). Prints and writes (results.json, table.md in --out) tokens/s after the warm-up steps, the slowest step
+after warm-up against the median, host memory at the first and last step. A run still going at --deadline-s is
+stopped and reported on the steps it logged. --synthetic also runs the benchmark loop (bench.train_speed) on the
+same checkpoint.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from finetune import REPO_ROOT
+from finetune.bench.train_speed import run_worker
+
+TOKENIZER = "smollm2-135m-instruct"  # the built-in model's tokenizer (has <|im_start|>, <|im_end|>)
+
+
+def recipe_overrides(checkpoint: str, steps: int) -> list[str]:
+    """What the product run changes in recipe=medqa, and nothing else."""
+    return [f"model.name={checkpoint}", "model.revision=null", "data.train.medqa.source=local",
+            "data.train.medqa.split=test", f"train.max_steps={steps}", "train.gradient_accumulation_steps=1",
+            "train.report_to=none"]
+
+
+def summarise(speed: list[dict], warmup: int, save_steps: int | None = None) -> dict:
+    """tokens/s over the steps after `warmup`, their median and slowest step, and memory at the first and last
+    logged step. Steps that save a checkpoint are told apart: they write the adapter and optimizer state."""
+    timed = speed[warmup:]
+    if not timed:
+        return {"error": f"{len(speed)} steps logged, none after the {warmup} warm-up steps"}
+    seconds = [s["seconds"] for s in timed]
+    saving = {s["step"] for s in timed if save_steps and s["step"] % save_steps == 0}
+    plain = [s for s in timed if s["step"] not in saving]
+    median = statistics.median(s["seconds"] for s in plain)
+    slowest = max(plain, key=lambda s: s["seconds"])
+    tokens = sum(s["tokens_per_s"] * s["seconds"] for s in timed)
+    first, last = speed[0], speed[-1]
+    return {"steps": len(speed), "timed_steps": len(timed), "tokens_per_s": round(tokens / sum(seconds), 1),
+            "median_step_s": round(median, 3), "slowest_step": slowest["step"],
+            "slowest_step_s": slowest["seconds"], "slowest_over_median": round(slowest["seconds"] / median, 3),
+            "save_steps_s": {s["step"]: s["seconds"] for s in timed if s["step"] in saving},
+            "host_rss_gib": [first.get("host_rss_gib"), last.get("host_rss_gib")],
+            "pinned_gib": [first.get("pinned_gib"), last.get("pinned_gib")],
+            "gpu_peak_gib": max(s.get("gpu_peak_gib", 0) for s in speed),
+            "tokens_per_s_by_step": [s.get("tokens_per_s") for s in speed]}
+
+
+# ------------------------------------------------------------------------------------------------ the peer
+
+def peer_case(spec: dict) -> dict:
+    """The peer stack through TRL's SFTTrainer on recipe=medqa's rows (run as a worker process)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import GPTQConfig as HFGPTQConfig
+    from trl import SFTTrainer
+
+    from finetune.config.recipe import compose_recipe, split_args
+    from finetune.data import chatml
+    from finetune.training import sft
+    from finetune.training.run_report import RunReport
+
+    out = Path(spec["out"]) / "peer"
+    cfg = compose_recipe(*split_args(["recipe=medqa", *recipe_overrides(spec["checkpoint"], spec["steps"]),
+                                      "gpu.fast_path=false", "train.save_strategy=no", f"output_dir={out}"]))
+    prepared = sft.prepare(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(spec["checkpoint"])
+    added = chatml.prepare_tokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["checkpoint"], quantization_config=HFGPTQConfig(bits=spec["bits"], backend="auto_trainable"),
+        device_map={"": 0} if torch.cuda.is_available() else "cpu",
+        dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, attn_implementation="sdpa")
+    report = RunReport(out, prepared.data_report, title="peer")
+    trainer = SFTTrainer(model=model, args=sft.sft_config(cfg, out), train_dataset=prepared.dataset,
+                         processing_class=tokenizer, peft_config=sft.lora_config(cfg, model, added),
+                         callbacks=[report])
+    trainer.train()
+    return {"speed": report.speed}
+
+
+# ------------------------------------------------------------------------------------------------ the product
+
+def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, extra: list[str]) -> dict:
+    """`accelerate launch finetune/train.py recipe=medqa ...` in its own process group, stopped at `deadline`
+    (time.monotonic()); its metrics.json holds every step it logged."""
+    run_dir = out / "product"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "finetune/train.py", "recipe=medqa",
+               *recipe_overrides(checkpoint, steps), f"output_dir={run_dir}", *extra]
+    env = os.environ | {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                        "PYTHONUNBUFFERED": "1"}
+    with open(out / "product.log", "w") as output:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            returncode = "stopped at the deadline"
+            proc.wait()
+    text = (out / "product.log").read_text()
+    log.write(f"\n===== product\n{text}\n")
+    result = {"command": shlex.join(["accelerate", "launch", *command[5:]]), "returncode": returncode,
+              "fast_path_lines": [line for line in text.splitlines() if line.startswith("fast GPU path")]}
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return result | {"error": (text.strip().splitlines() or ["no output"])[-1][:300]}
+    metrics = json.loads(metrics.read_text())
+    return result | {"speed": metrics["speed"], "fast_path": metrics["fast_path"]}
+
+
+def format_table(results: dict) -> str:
+    header = ("| case | steps (timed) | tok/s | × peer | median step s | slowest after warm-up (× median) "
+              "| host RSS GiB first → last | pinned GiB first → last | GPU peak GiB |")
+    lines = [f"{results['card']} · {results['date']} · {results['config']} · `{results['command']}`", "", header,
+             "|---|---|---|---|---|---|---|---|---|"]
+    peer = results["cases"].get("peer", {}).get("tokens_per_s")
+    for name, r in results["cases"].items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / peer:.2f}" if peer else "–"
+        lines.append(f"| {name} | {r['steps']} ({r['timed_steps']}) | {r['tokens_per_s']:.0f} | {ratio} "
+                     f"| {r['median_step_s']} | step {r['slowest_step']}: {r['slowest_step_s']} s "
+                     f"({r['slowest_over_median']}) | {' → '.join(map(str, r['host_rss_gib']))} "
+                     f"| {' → '.join(map(str, r['pinned_gib']))} | {r['gpu_peak_gib']} |")
+    for name, r in results["cases"].items():
+        if r.get("save_steps_s"):
+            lines += ["", f"{name}: checkpoint-saving steps (s): {r['save_steps_s']}"]
+        for line in r.get("fast_path_lines", []):
+            lines += ["", f"{name}: {line}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=80)
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=150, help="train.py's steps (one packed row each)")
+    parser.add_argument("--peer-steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (flex attention "
+                                                                 "compiles during the first two)")
+    parser.add_argument("--tokenizer", default=None, help="folder of the tokenizer put beside the random weights "
+                                                          "(default: the built-in SmolLM2's)")
+    parser.add_argument("--checkpoint", default=None, help="where the random checkpoint goes (default /tmp/...)")
+    parser.add_argument("--deadline-s", type=float, default=None, help="stop train.py after this many seconds "
+                                                                        "of the whole benchmark")
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--synthetic", action="store_true", help="also the benchmark loop (bench.train_speed)")
+    parser.add_argument("--out", default="runs/product")
+    parser.add_argument("overrides", nargs="*", help="more key=value for train.py (e.g. eval.during_training...)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    deadline = start + (args.deadline_s or float("inf"))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"L{args.layers}-{args.bits}b-g{args.group_size}-act"
+    checkpoint = args.checkpoint or f"/tmp/gptq-llama2-70b-{tag}-tok"
+    if args.tokenizer is None:
+        from finetune.models.builtin import resolve_builtin_model
+        args.tokenizer = str(resolve_builtin_model(TOKENIZER))
+    spec = {"checkpoint": checkpoint, "layers": args.layers, "bits": args.bits, "group_size": args.group_size,
+            "act_order": True, "tokenizer": args.tokenizer, "out": str(out), "steps": args.peer_steps}
+    results = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "config": tag,
+               "command": "python -m finetune.bench.product_speed " + shlex.join(argv or sys.argv[1:]),
+               "cases": {}}
+    with open(out / "log.txt", "a") as log:
+        def record(name: str, result: dict, warmup: int, save_steps: int | None = None) -> None:
+            speed = result.pop("speed", None)
+            results["cases"][name] = result | (summarise(speed, warmup, save_steps) if speed else {})
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+
+        if not (Path(checkpoint) / "config.json").is_file():
+            results["write"] = run_worker("finetune.bench.train_speed", ["write", json.dumps(spec)], log)
+            if "error" in results["write"]:
+                sys.exit(f"error: writing the random checkpoint failed: {results['write']['error']}")
+        if args.peer:
+            record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
+        record("train.py", product_case(checkpoint, args.steps, out, deadline, log, args.overrides), args.warmup,
+               save_steps=100)  # recipes/base.yaml's save_steps
+        if args.synthetic:
+            subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
+                            "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")], cwd=REPO_ROOT, check=False)
+    table = format_table(results)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        torch.manual_seed(0)
+        print("RESULT " + json.dumps(peer_case(json.loads(sys.argv[3]))), flush=True)
+    else:
+        main()
