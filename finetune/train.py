@@ -10,6 +10,10 @@
 import os
 import sys
 
+# packed rows change length every step: expandable segments keep the CUDA allocator from fragmenting (the speed
+# benchmarks run with it too); set before torch starts
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # this folder must not shadow libraries (datasets, evaluate, ...)
 

@@ -90,7 +90,7 @@ class PinnedArena:
 
 
 class _HostCopy:
-    __slots__ = ("host", "arena", "device", "on_device", "layer", "unpacks_left")
+    __slots__ = ("arena", "device", "host", "layer", "on_device", "unpacks_left")
 
     def __init__(self, host, arena, device, layer):
         self.host, self.arena, self.device, self.on_device = host, arena, device, None

@@ -1,8 +1,10 @@
 """What a training run leaves in its directory, each file written whole or not at all (temp path + rename):
 
     config.yaml        the resolved recipe, written before training starts
-    metrics.json       loss per step, accuracies on the eval.during_training slice, the run's summary, and the
-                       data report (examples per entry, skipped bad rows and their messages)
+    metrics.json       loss per step, accuracies on the eval.during_training slice, the run's summary, the data
+                       report (examples per entry, skipped bad rows and their messages), the GPU fast path's plan
+                       (what it could not take included) and, per logged step of this process, its seconds,
+                       tokens/s, host memory (RSS and pinned) and GPU peak
     loss_curve.png     the loss per step
     adapter/           the final LoRA adapter in PEFT format, with the tokenizer it was trained with
     checkpoints/       the Trainer's checkpoint-N folders, for resume=true
@@ -11,9 +13,14 @@
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
-from matplotlib.figure import Figure  # the Figure API renders with Agg: no display, no pyplot state
+import psutil
+import torch
+from matplotlib.figure import (
+    Figure,  # the Figure API renders with Agg: no display, no pyplot state
+)
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
@@ -42,10 +49,33 @@ class RunReport(TrainerCallback):
 
     def __init__(self, run_dir: Path, data_report: dict, title: str):
         self.run_dir, self.data_report, self.title = Path(run_dir), data_report, title
+        self.fast_path, self.speed = None, []
+        self.last_log = (time.perf_counter(), 0)  # (when, tokens so far) at the previous log
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.fast_path = getattr(base, "fast_training_report", None)
+        self.last_log = (time.perf_counter(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in (logs or {}):  # a training step's log (the loss .item() has waited for the GPU)
+            self.speed.append(self.step_speed(state.global_step, logs.get("num_tokens")))
         if state.is_world_process_zero:
             self.write(state.log_history)
+
+    def step_speed(self, step: int, tokens: float | None) -> dict:
+        """Since the previous log: seconds, tokens/s (from TRL's token count), and memory now."""
+        now, last_tokens = time.perf_counter(), self.last_log[1]
+        entry = {"step": step, "seconds": round(now - self.last_log[0], 3)}
+        if tokens is not None:
+            entry["tokens_per_s"] = round((tokens - last_tokens) / max(entry["seconds"], 1e-9), 1)
+        self.last_log = (now, tokens if tokens is not None else last_tokens)
+        entry["host_rss_gib"] = round(psutil.Process().memory_info().rss / 2 ** 30, 2)
+        if torch.cuda.is_initialized():
+            pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)  # torch's pinned allocator
+            entry["pinned_gib"] = round(pinned / 2 ** 30, 2)
+            entry["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        return entry
 
     def write(self, log_history: list[dict]) -> None:
         steps = [entry for entry in log_history if "loss" in entry]
@@ -55,7 +85,8 @@ class RunReport(TrainerCallback):
                  for entry in log_history if any(key.startswith("eval/") for key in entry)]
         metrics = {"loss": [{k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")
                              if k in entry} for entry in steps],
-                   "eval": evals, "summary": summary, "data": self.data_report}
+                   "eval": evals, "summary": summary, "data": self.data_report, "fast_path": self.fast_path,
+                   "speed": self.speed}
         write_atomic(self.run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1)))
         if steps:
             plot_loss([e["step"] for e in steps], [e["loss"] for e in steps], self.run_dir / "loss_curve.png",

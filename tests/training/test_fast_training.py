@@ -14,7 +14,13 @@ from finetune.gptq.loader import load_model
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
 from finetune.gpu.fast_lora import draw_seed, dropout_mask, speed_up_lora
-from finetune.gpu.fast_training import RecomputePlan, apply_plan, decoder_layers, plan_for_budget, plan_recompute
+from finetune.gpu.fast_training import (
+    RecomputePlan,
+    apply_plan,
+    decoder_layers,
+    plan_for_budget,
+    plan_recompute,
+)
 from finetune.gpu.host_offload import PinnedArena
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
@@ -181,7 +187,7 @@ def test_plan_moves_inputs_to_the_host_only_as_needed():
 
 def test_budget_too_small_names_the_smallest_budget_that_fits():
     # 70B shape at 4,096 tokens: 64 MiB layer input, 862 MiB saved, 1.5 GiB backward; model, adapters and AdamW 37.5 GiB
-    sizes = dict(input_bytes=64 * MIB, saved_bytes=862 * MIB, backward_bytes=1536 * MIB)
+    sizes = {"input_bytes": 64 * MIB, "saved_bytes": 862 * MIB, "backward_bytes": 1536 * MIB}
     with pytest.raises(ValueError) as error:
         plan_for_budget(80, **sizes, budget_bytes=40 * 1024 * MIB, static_bytes=37.5 * 1024 * MIB, seq_len=4096)
     # 37.5 + 2 (margin) + (862 + 1536 + 2 x 64) / 1024 = 41.97 GiB
