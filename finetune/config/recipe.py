@@ -7,6 +7,7 @@ before any model or data is touched.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -14,10 +15,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .. import REPO_ROOT
+from .files import lock_holder
 
 RECIPES_DIR = REPO_ROOT / "recipes"
 DEFAULT_RECIPE = "smoke"  # offline and small: what a bare `train.py` runs
 CHECKPOINTS = "checkpoints"  # the Trainer's checkpoint-N folders, inside the run directory
+RUN_LOCK = ".train.lock"  # held by the training that writes the run directory (files.hold_lock)
 CODE_READS_TRAIN_KEYS = ("train.dry_run", "train.max_length")  # the other train.* go to SFTConfig untouched
 
 USAGE = """usage: accelerate launch finetune/train.py [recipe=NAME|PATH.yaml] [key=value ...] [--help]
@@ -140,26 +143,55 @@ def check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder without it is
-    one a killed run left half-written."""
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder without it, or
+    with a cut-off one, is what a run killed while saving left half-written: resume skips it."""
+
+    def complete(folder: Path) -> bool:
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return state.get("global_step") == int(folder.name.split("-")[-1])
+
     folders = [p for p in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*")
-               if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+               if p.name.split("-")[-1].isdigit() and complete(p)]
     return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def check_run_dir(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a finished or started run."""
+    """The checkpoint to resume from (None: start at the first step); refuses a directory another training is
+    writing, and never overwrites a finished or started run."""
     run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"output_dir {run_dir} is a file; pass a directory path (it is created if missing)")
+    holder = lock_holder(run_dir / RUN_LOCK)
+    if holder is not None:
+        raise RecipeError(f"output_dir {run_dir} is in use by a running training (process {holder}); wait for it "
+                          "to end, or pass another output_dir=...")
     if cfg.resume:
-        checkpoint = last_checkpoint(run_dir)
-        if checkpoint is None:
-            raise RecipeError(f"resume=true but {run_dir / CHECKPOINTS} has no complete checkpoint; pass the "
-                              "output_dir of an earlier run, or drop resume=true")
-        return checkpoint
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.dry_run:
+        if not (run_dir / "config.yaml").is_file():
+            raise RecipeError(f"resume=true but {run_dir} holds no run (no config.yaml); pass the output_dir of an "
+                              "earlier run, or drop resume=true")
+        return last_checkpoint(run_dir)  # None: stopped before its first checkpoint, so it starts over
+    if run_dir.exists() and any(p.name != RUN_LOCK for p in run_dir.iterdir()) and not cfg.train.dry_run:
         raise RecipeError(f"output_dir {run_dir} already holds a run; pass a new output_dir=... or resume=true "
                           "to continue it")
     return None
+
+
+def check_lora_settings(cfg: DictConfig) -> None:
+    """LoRA's numbers, checked before loading (PEFT checks the rank only as it wraps the first layer)."""
+    lora = cfg.lora
+    if lora.r < 1:
+        raise RecipeError(f"lora.r={lora.r} must be a rank of at least 1; pass e.g. lora.r=16")
+    if lora.alpha <= 0:
+        raise RecipeError(f"lora.alpha={lora.alpha} must be > 0 (LoRA scales its update by alpha/r); pass e.g. "
+                          f"lora.alpha={2 * lora.r}")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"lora.dropout={lora.dropout} must be in [0, 1); pass e.g. lora.dropout=0.05")
+    if not lora.target_modules:
+        raise RecipeError("lora.target_modules is empty; list the linear layers to adapt, e.g. "
+                          "lora.target_modules=[q_proj,v_proj]")
 
 
 def check_gpu_settings(cfg: DictConfig, on_gpu: bool) -> None:

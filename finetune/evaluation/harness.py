@@ -13,7 +13,6 @@ was trained on -- is checked in `prepare` before any weight is loaded.
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..data import chatml
 from ..data.records import QAItem, QASplit
 from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source
-from ..models.adapter import attach_adapter
+from ..models.adapter import attach_adapter, read_adapter_config
 from ..models.source import model_source
 from .answers import parse_answer
 from .benchmarks import BenchmarkSpec, EvalError, check_settings, eval_batch_size, load_items, paper_only
@@ -61,7 +60,7 @@ def resolve_adapter(adapter: str) -> Adapter:
         path = _download_adapter(adapter)
     else:
         raise EvalError(f"adapter={adapter}: no such directory, and not a Hub repo id like 'owner/name'")
-    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(path)
     run_config = path.parent / "config.yaml"
     run_config = OmegaConf.load(run_config) if path.name == "adapter" and run_config.is_file() else None
     return Adapter(path, adapter, adapter_config.get("base_model_name_or_path"), adapter_config.get("revision"),

@@ -11,11 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
 from transformers import AutoConfig
 
 from .format import GPTQConfig, read_gptq_config
-from .loader import resolve_source, weight_files
+from .loader import open_safetensors, resolve_source, weight_files
 from .memory import ModelShape, estimate_lora_training_memory
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -46,7 +45,7 @@ def _local_tensors(model_dir: Path) -> tuple[dict, dict]:
     tensors, sizes = {}, {}
     for file in weight_files(model_dir):
         sizes[file.name] = file.stat().st_size
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 tensors[key] = (sl.get_dtype(), tuple(sl.get_shape()))

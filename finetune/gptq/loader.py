@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .format import GPTQConfig, GPTQFormatError, default_g_idx, expected_shapes, read_gptq_config
@@ -28,6 +28,9 @@ def resolve_source(source: str | Path, revision: str | None = None, weights: boo
     With weights=False only config, tokenizer and index files are fetched."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision is not None:  # a folder has no branches: reading it anyway would ignore the revision
+            raise GPTQFormatError(f"{source} is a local directory, but revision={revision!r} names a Hub branch; "
+                                  "drop the revision, or pass the Hub repo id")
         return path
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise GPTQFormatError(f"{source}: not a model directory nor a Hub repo id like 'owner/name'; "
@@ -73,10 +76,20 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape, read from the safetensors headers only."""
     shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
+
+
+def open_safetensors(file: Path):
+    """safe_open, which checks the header and that the tensors cover the file exactly: a truncated or corrupted
+    file fails here, naming itself."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise GPTQFormatError(f"{file} is truncated or corrupted ({' '.join(str(err).split())}); download or write "
+                              "it again") from None
 
 
 def quantised_linears(model: torch.nn.Module, shapes: dict[str, tuple], config: GPTQConfig) -> dict[str, torch.nn.Linear]:

@@ -1,10 +1,30 @@
 """A trained LoRA adapter put back on its GPTQ base, as evaluation, parity and export load it."""
 
+import json
 from pathlib import Path
 
 from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
+
+from ..config.recipe import RecipeError
+from ..gptq.loader import open_safetensors
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, after checking it and the weights' safetensors header: a truncated or corrupted
+    adapter file fails here, naming itself, before any model is loaded."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        adapter_config = json.loads(path.read_text())
+    except ValueError as err:
+        raise RecipeError(f"{path} is truncated or corrupted ({err}); copy or export the adapter again") from None
+    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        with open_safetensors(adapter_dir / ADAPTER_WEIGHTS):
+            pass
+    return adapter_config
 
 
 def adapter_vocab_size(adapter_dir: Path, base_vocab: int) -> int:

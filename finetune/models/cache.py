@@ -4,7 +4,7 @@ re-quantised models (the `smoke` recipe's SmolLM2, the test fixtures).
 Each entry lives at `${MEDITRON_FINETUNE_CACHE:-~/.cache/meditron-finetune}/<name>-<key>`, where the key
 hashes the build's settings and the versions of the libraries whose output it is, so an upgrade rebuilds
 instead of reusing stale files. Entries are built in a temporary sibling and renamed into place: a crash
-leaves no half-written entry behind.
+leaves no half-written entry behind, and the next build clears the staging folder a killed one left.
 """
 
 import hashlib
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from ..config.files import remove_dead_staging
 
 # The libraries that shape what is built: the GGUF reader and writer, the quantiser, the numerics.
 KEYED_PACKAGES = ("torch", "transformers", "gptqmodel", "gguf")
@@ -49,6 +51,7 @@ def cached_dir(name: str, settings: dict, build: Callable[[Path], None]) -> Path
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     print(f"Building {name} (once; cached in {final})", file=sys.stderr)
+    remove_dead_staging(final.parent, f".{final.name}.building-*")  # left by builds that were killed
     staging = final.with_name(f".{final.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:

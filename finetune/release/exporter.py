@@ -25,11 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils.hub import convert_file_size_to_int
 
 from .. import load_model
+from ..config.files import remove_dead_staging
 from ..config.recipe import RecipeError
 from ..gptq.checkpoint_info import CheckpointInfo, describe_checkpoint
 from ..gptq.format import SUPPORTED_BITS, read_gptq_config
 from ..gptq.loader import resolve_source
-from ..models.adapter import adapter_vocab_size, attach_adapter
+from ..models.adapter import ADAPTER_WEIGHTS, adapter_vocab_size, attach_adapter, read_adapter_config
 from ..models.builtin import BUILTIN_MODELS
 from ..training.sft import load_training_data, model_source
 from .merge import MergeError, stream_merge
@@ -38,7 +39,7 @@ from .parity import held_out_prompts, parity_report
 
 KINDS = ("adapter", "merged", "gptq")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", ADAPTER_WEIGHTS)
 
 
 class ExportError(RecipeError):
@@ -91,7 +92,7 @@ def read_run(run: str) -> Run:
         raise ExportError(f"no adapter in run {run}: {adapter_dir / missing[0]} is missing; let the training "
                           "finish (it saves adapter/ at the end), or pass the run that holds one")
     cfg = OmegaConf.load(path / "config.yaml")
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(adapter_dir)
     trained_on = adapter_config.get("base_model_name_or_path")
     if cfg.model.name in BUILTIN_MODELS and trained_on and Path(trained_on).is_dir() and \
             Path(trained_on).name.startswith(f"{cfg.model.name}-"):
@@ -173,18 +174,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Staging folders of exports that were killed (their process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.export-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
-
-
 def _device(opts: DictConfig) -> torch.device:
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -264,7 +253,7 @@ def _write_card(run: Run, out: Path, cfg: DictConfig, parity: dict | None, summa
 
 def _write_adapter(run: Run, out: Path) -> None:
     out.mkdir(parents=True)
-    shutil.copy2(run.adapter_dir / "adapter_model.safetensors", out)
+    shutil.copy2(run.adapter_dir / ADAPTER_WEIGHTS, out)
     adapter_config = dict(run.adapter_config, revision=run.adapter_config.get("revision") or run.revision)
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     _save_tokenizer(run, out)
@@ -289,7 +278,7 @@ def export(cfg: DictConfig) -> Path:
     prompts = held_out_prompts(run.cfg, opts.parity_prompts) if opts.kind != "adapter" and opts.parity_prompts \
         else None
 
-    _remove_stale_staging(out)
+    remove_dead_staging(out.parent, f".{out.name}.export-*")  # left by killed exports
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     intermediate = out.parent / f".{out.name}.export-merged-{os.getpid()}"
     try:

@@ -12,8 +12,11 @@ Everything that can fail on a user's input (recipe values, model source and bran
 checked in `prepare`, before any weight is loaded.
 """
 
+import json
+import math
 import os
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,13 +31,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from trl import SFTConfig, SFTTrainer
 
 from .. import load_model
-from ..config.recipe import CHECKPOINTS, RecipeError, check_gpu_settings, check_run_dir
+from ..config.files import LockHeld, hold_lock
+from ..config.recipe import (
+    CHECKPOINTS,
+    RUN_LOCK,
+    RecipeError,
+    check_gpu_settings,
+    check_lora_settings,
+    check_run_dir,
+)
 from ..data import chatml
 from ..data.registry import load_benchmark, resolve_options
 from ..evaluation.benchmarks import eval_batch_size
 from ..gptq import GPTQLinear
 from ..gptq.format import read_gptq_config
-from ..gptq.loader import resolve_source
+from ..gptq.loader import resolve_source, tensor_shapes, weight_files
 from ..gptq.memory import ModelShape, estimate_lora_training_memory
 from ..models.source import model_source
 from .eval_callback import SliceAccuracyCallback, training_slice
@@ -59,10 +70,13 @@ class Prepared:
 
 
 def check_model(cfg: DictConfig, source: str | Path) -> Path:
-    """Resolve the source (a wrong Hub branch fails here, before any weight is fetched) and check each LoRA
-    target against the linear layers of the model's skeleton, built on the meta device."""
+    """Resolve the source (a wrong Hub branch fails here, before any weight is fetched), read a local model's
+    safetensors headers (a truncated or corrupted shard fails here, naming it) and check each LoRA target against
+    the linear layers of the model's skeleton, built on the meta device."""
     model_dir = resolve_source(source, cfg.model.revision, weights=False)
     read_gptq_config(model_dir)
+    if Path(source).expanduser().is_dir():
+        tensor_shapes(weight_files(model_dir))
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     output = skeleton.get_output_embeddings()
@@ -141,6 +155,7 @@ def check_scheduler(args: SFTConfig) -> None:
 def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
+    check_lora_settings(cfg)
     check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
     plugin = fsdp.fsdp_plugin()
     if plugin is not None:
@@ -217,23 +232,46 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     return trainer
 
 
+def is_final_checkpoint(checkpoint: Path, args: SFTConfig) -> bool:
+    """Whether `checkpoint` is at the last step this run plans (train.max_steps, or the epochs it started with)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if args.max_steps > 0:
+        return state["global_step"] >= args.max_steps
+    return state["num_train_epochs"] == math.ceil(args.num_train_epochs) and state["global_step"] >= state["max_steps"]
+
+
 def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
-    """A full run into cfg.output_dir; resume=true continues from its last complete checkpoint."""
+    """A full run into cfg.output_dir; resume=true continues from its last complete checkpoint. The main process
+    holds the run directory's lock (RUN_LOCK) until the run ends: a second training on it is refused."""
     prepared = prepare(cfg)
     run_dir = Path(cfg.output_dir)
     state = PartialState()
     state.wait_for_everyone()  # every process has checked output_dir before the first one writes to it
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir, command)
-    report = RunReport(run_dir, prepared.data_report, title=f"{run_dir.name}: {cfg.model.name}")
-    trainer = build_trainer(prepared, run_dir / CHECKPOINTS, [report, *callbacks])
-    benchmark, items = prepared.eval_slice
-    if items:
-        trainer.add_callback(SliceAccuracyCallback(trainer, benchmark, items, cfg.eval.during_training.every_n_steps,
-                                                   eval_batch_size(cfg), cfg.data.system_prompt))
-    trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
-    save_adapter(trainer, run_dir)
+    with ExitStack() as lock:
+        if state.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.enter_context(hold_lock(run_dir / RUN_LOCK))
+            except LockHeld as held:  # started at the same moment as another run, which took it first
+                raise RecipeError(f"output_dir {run_dir} is in use by a running training (process {held.holder}); "
+                                  "wait for it to end, or pass another output_dir=...") from None
+            save_config(cfg, run_dir, command)
+        if cfg.resume and prepared.resume_from is None:
+            state.print(f"resume=true: {run_dir} has no complete checkpoint yet, so the run starts at step 1")
+        report = RunReport(run_dir, prepared.data_report, title=f"{run_dir.name}: {cfg.model.name}")
+        trainer = build_trainer(prepared, run_dir / CHECKPOINTS, [report, *callbacks])
+        benchmark, items = prepared.eval_slice
+        if items:
+            trainer.add_callback(SliceAccuracyCallback(trainer, benchmark, items,
+                                                       cfg.eval.during_training.every_n_steps, eval_batch_size(cfg),
+                                                       cfg.data.system_prompt))
+        if prepared.resume_from is not None and is_final_checkpoint(prepared.resume_from, trainer.args):
+            # resumed at its last step, the Trainer would take one step more (it checks max_steps only after a
+            # step): the run is done, and its final weights are the checkpoint's, loaded as the Trainer loads them
+            trainer.model.load_adapter(str(prepared.resume_from), trainer.model.active_adapter, is_trainable=True)
+        else:
+            trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
+        save_adapter(trainer, run_dir)
     return trainer
 
 

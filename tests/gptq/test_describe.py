@@ -1,9 +1,6 @@
 """The checkpoint description and its training-memory estimate."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 from transformers import LlamaConfig
 
@@ -12,7 +9,6 @@ from finetune.gptq.format import GPTQConfig, expected_shapes
 from finetune.gptq.memory import ModelShape, estimate_lora_training_memory
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
 LLAMA2_70B = ModelShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=32000)
 
 
@@ -44,10 +40,3 @@ def test_describe_local_checkpoint(tmp_path):
     report = format_report(info, 1024, 16)
     assert "bits 3 · group 32 · act-order yes" in report
     assert "model.layers.N.mlp.down_proj ×2" in report and "lm_head" in report
-
-
-def test_describe_cli_errors_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "finetune" / "describe.py"), str(tmp_path / "missing")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: not a model directory nor a Hub repo id like 'owner/name'; check the path"

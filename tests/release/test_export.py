@@ -15,7 +15,6 @@ import torch
 from export_fixtures import make_base, make_run
 from gptq_fixtures import gptq_dir
 from huggingface_hub import ModelCard
-from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,48 +229,6 @@ def test_merged_card_of_the_tiny_run(merged):
     assert card.data.license == "llama2" and card.data.library_name == "transformers"
     assert card.data.base_model is None  # a local base has no Hub id to link
     assert "## Parity with the trained adapter" in card.text and "| dtype | bfloat16 |" in card.text
-
-
-# --- bad inputs, checked before any heavy work ------------------------------------------------------------------
-
-
-def test_early_errors_are_one_line(tiny, tmp_path, capsys):
-    base, run = tiny
-
-    def error(*args: str) -> str:
-        assert export_main(list(args)) == 2
-        message = capsys.readouterr().err.strip()
-        assert "\n" not in message
-        return message
-
-    out = f"output_dir={tmp_path / 'out'}"
-    assert error(f"run={run}", out, "export.kind=lora") == \
-        "error: export.kind='lora' is not one of adapter, merged, gptq"
-    assert error(f"run={run}", out, "export.kind=merged", "export.colour=red").startswith(
-        "error: unknown key 'export.colour'; valid keys: run, output_dir, export.kind,")
-    assert error(f"run={run}", out).startswith("error: export.kind is required")
-    assert error(f"run={run}", out, "export.kind=merged", "export.bits=four").startswith("error: export.bits:")
-    no_adapter = tmp_path / "unfinished"
-    no_adapter.mkdir()
-    (no_adapter / "config.yaml").write_text((run / "config.yaml").read_text())
-    assert error(f"run={no_adapter}", out, "export.kind=merged") == (
-        f"error: no adapter in run {no_adapter}: {no_adapter / 'adapter' / 'adapter_config.json'} is missing; let "
-        "the training finish (it saves adapter/ at the end), or pass the run that holds one")
-    other = tmp_path / "other-base-run"
-    other.mkdir()
-    cfg = OmegaConf.load(run / "config.yaml")
-    cfg.model.name = str(tmp_path)  # the recipe names another model than the adapter was trained on
-    (other / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (other / "adapter").symlink_to(run / "adapter")
-    assert error(f"run={other}", out, "export.kind=merged") == (
-        f"error: the adapter in {other / 'adapter'} was trained on {base}@main, but the run's config.yaml names "
-        f"{tmp_path}@main; pass the run that produced this adapter")
-    (tmp_path / "out").mkdir()
-    assert error(f"run={run}", out, "export.kind=adapter") == (
-        f"error: output_dir {tmp_path / 'out'} already exists; pass export.overwrite=true to replace it, or "
-        "another output_dir")
-    assert error(f"run={run}", f"output_dir={run.parent}", "export.kind=adapter", "export.overwrite=true") == (
-        f"error: output_dir {run.parent} would replace the run itself; choose a directory outside {run}")
 
 
 def test_overwrite_replaces_an_export_whole(tiny, tmp_path):

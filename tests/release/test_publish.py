@@ -9,7 +9,6 @@ import pytest
 from export_fixtures import make_base, make_run
 
 from finetune.config.cli import compose_config
-from finetune.publish import main as publish_main
 from finetune.release.exporter import ExportConfig, export
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,20 +73,3 @@ def test_failed_upload_is_one_line_without_the_token(exported, tmp_path):
     assert not files_containing(tmp_path, FAKE_TOKEN) and not files_containing(exported, FAKE_TOKEN)
     # the card's usage example now names the repo it was published to
     assert "PeftModel.from_pretrained(base, 'me/smoke-lora')" in (exported / "README.md").read_text()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["repo=me/x"], "error: path is required; pass path=..."),
-    (["path={missing}", "repo=me/x"], "error: path={missing}: no such directory; pass the output_dir of "
-                                      "finetune/export.py"),
-    (["path={empty}", "repo=me/x"], "error: path={empty} holds no exported weights (adapter_model.safetensors or "
-                                    "model.safetensors); pass the output_dir of finetune/export.py"),
-    (["path={export}", "repo=no-owner"], "error: repo='no-owner' is not a Hub repo id like 'user/name' (it needs "
-                                         "the owner)"),
-    (["path={export}", "repo=me/x", "visibility=public"], "error: unknown key 'visibility'; valid keys: path, repo, "
-                                                          "private, dry_run, commit_message"),
-])
-def test_bad_inputs_fail_in_one_line(exported, tmp_path, capsys, args, message):
-    paths = {"missing": tmp_path / "missing", "empty": tmp_path, "export": exported}
-    assert publish_main([a.format(**paths) for a in args]) == 2
-    assert capsys.readouterr().err.strip() == message.format(**paths)

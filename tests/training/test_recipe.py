@@ -16,7 +16,6 @@ from finetune.config.recipe import (
     split_args,
     usage,
 )
-from finetune.models.source import model_source
 from finetune.training import sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,14 +64,11 @@ def test_recipe_given_as_a_path_builds_on_base(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["lora.rr=3"], "unknown key 'lora.rr'; lora has: r, alpha, dropout, target_modules (top-level keys: "
-                    "output_dir, resume, seed, model, data, lora, train,"),
     (["lora.rr=3"], "); fix the name, or add it with +lora.rr=..."),
     (["epochs=3"], "unknown key 'epochs' (top-level keys: output_dir, resume, seed, model, data, lora, train,"),
     (["lora.r=abc"], "lora.r='abc' should be an integer"),
     (["train.packing=maybe"], "train.packing='maybe' should be true or false"),
     (["lora.target_modules=q_proj"], "lora.target_modules='q_proj' should be a list like [a,b]"),
-    (["train.learning_rate=fast"], "train.learning_rate='fast' should be a number"),
     (["lora=3"], "lora=3 should be a mapping"),
     (["output_dir=null"], "output_dir must be set; pass output_dir=..."),
     (["~lora.r"], "lora.r was removed; every key of recipes/base.yaml stays (set it instead)"),
@@ -84,13 +80,9 @@ def test_bad_overrides_fail_with_one_line_naming_the_key(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bad_recipe_and_option():
-    with pytest.raises(RecipeError, match=r"no recipe 'medqaa'; pick one of: medmcqa, medqa, pubmedqa, smoke"):
-        compose_recipe("medqaa")
+def test_bad_recipe_file_and_argument_order():  # bad recipe names and options: tests/test_reliability.py
     with pytest.raises(RecipeError, match=r"recipe file nowhere/mine.yaml not found"):
         compose_recipe("nowhere/mine.yaml")
-    with pytest.raises(RecipeError, match=r"unknown option '--lr'"):
-        split_args(["recipe=smoke", "--lr", "3"])
     assert split_args(["lora.r=2", "recipe=medqa"]) == ("medqa", ["lora.r=2"])
     assert split_args([]) == ("smoke", [])
 
@@ -133,19 +125,10 @@ def test_gpu_fast_path_without_the_gpu_extra_fails_before_loading():
     check_gpu_settings(compose_recipe("smoke", ["gpu.fast_path=false"]), on_gpu=True)
 
 
-@pytest.mark.parametrize("key, value, shown", [("host_memory_gib", "lots", "'lots'"), ("memory_budget_gib", "-1", "-1")])
-def test_gpu_memory_sizes_are_checked_before_loading(key, value, shown):
-    with pytest.raises(RecipeError, match=rf"^gpu\.{key}={shown} should be a number of GiB >= 0, or null for the"):
-        check_gpu_settings(compose_recipe("smoke", [f"gpu.{key}={value}"]), on_gpu=False)
-    check_gpu_settings(compose_recipe("smoke", [f"gpu.{key}=24"]), on_gpu=False)
-
-
-def test_lora_targets_are_checked_against_the_model():
-    cfg = compose_recipe("smoke", ["lora.target_modules=[q_proj,qkv_proj]"])
-    with pytest.raises(RecipeError) as err:
-        sft.check_model(cfg, model_source(cfg))
-    assert str(err.value) == ("lora.target_modules: 'qkv_proj' is not a linear layer of smollm2-135m-instruct-gptq; "
-                              "pick from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+def test_gpu_memory_sizes_are_checked_before_loading():  # memory_budget_gib=-1: tests/test_reliability.py
+    with pytest.raises(RecipeError, match=r"^gpu\.host_memory_gib='lots' should be a number of GiB >= 0, or null"):
+        check_gpu_settings(compose_recipe("smoke", ["gpu.host_memory_gib=lots"]), on_gpu=False)
+    check_gpu_settings(compose_recipe("smoke", ["gpu.host_memory_gib=24", "gpu.memory_budget_gib=24"]), on_gpu=False)
 
 
 def test_unreachable_hub_model_fails_with_the_fix(monkeypatch, tmp_path):
@@ -158,8 +141,7 @@ def test_unreachable_hub_model_fails_with_the_fix(monkeypatch, tmp_path):
 
 
 def test_data_errors_name_the_entry():
-    cases = {"data.train.pubmedqa.split=bogus": "data.train.pubmedqa: pubmedqa has no split 'bogus'",
-             "data.train.pubmedqa.options.path=/nowhere.json": "data.train.pubmedqa: /nowhere.json not found",
+    cases = {"data.train.pubmedqa.options.path=/nowhere.json": "data.train.pubmedqa: /nowhere.json not found",
              "+data.train.x={benchmark:medqa4,split:train,sorce:hub}": "data.train.x: unknown key 'sorce'",
              "data.on_bad_row=ignore": "data.train.pubmedqa: on_bad_row='ignore' is not one of error, skip"}
     for override, message in cases.items():
@@ -184,12 +166,14 @@ def test_output_dir_is_never_overwritten(tmp_path):
     with pytest.raises(RecipeError, match=rf"output_dir {run} already holds a run; pass a new output_dir=... or "
                                           "resume=true to continue it"):
         check_run_dir(compose_recipe("smoke", [f"output_dir={run}"]))
-    with pytest.raises(RecipeError, match=r"resume=true but .*/run/checkpoints has no complete checkpoint"):
-        check_run_dir(compose_recipe("smoke", [f"output_dir={run}", "resume=true"]))
-    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (run / "checkpoints" / "checkpoint-4").mkdir()  # killed while writing: no trainer_state.json yet
-    assert check_run_dir(compose_recipe("smoke", [f"output_dir={run}", "resume=true"])).name == "checkpoint-2"
+    resume = compose_recipe("smoke", [f"output_dir={run}", "resume=true"])
+    assert check_run_dir(resume) is None  # killed before its first checkpoint: it starts over
+    for step in (2, 4, 6):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    # killed while saving: checkpoint-4 has no trainer_state.json yet, checkpoint-6 only the start of one
+    (run / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hi')
+    assert check_run_dir(resume).name == "checkpoint-2"
 
 
 def test_help_shows_usage_recipes_and_resolved_config(capsys):
@@ -200,12 +184,6 @@ def test_help_shows_usage_recipes_and_resolved_config(capsys):
     assert "resolved config (recipe=medqa lora.r=64):" in out and "  r: 64\n" in out
     assert "revision: gptq-4bit-128g-actorder_True" in out
     assert "error: unknown key 'lora.bad'" in usage(["lora.bad=1", "--help"])
-
-
-def test_entry_script_prints_one_line_error_and_exit_code_2(capsys):
-    assert train_script.main(["recipe=smoke", "lora.rr=3"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: unknown key 'lora.rr'") and err.count("\n") == 1
 
 
 def test_saved_config_is_itself_a_recipe(tmp_path):

@@ -4,8 +4,8 @@ On SmolLM2-135M-Instruct as 4-bit GPTQ (the smoke recipe's model): a short run w
 and whose adapter, reloaded with plain PEFT on a freshly loaded GPTQ base, gives the trained model's logits, and
 the run directory it leaves. On a tiny random GPTQ Llama shaped like Meditron where it matters (lm_head untied,
 a tokenizer without ChatML tokens), cheap enough to train several times: the dry run under `accelerate launch`,
-the added tokens' own rows, packing without attention across examples, and a run killed after a checkpoint and
-resumed to the bit-identical adapter of an uninterrupted run.
+the added tokens' own rows, and packing without attention across examples. (Runs killed and resumed:
+tests/test_reliability.py.)
 """
 
 import json
@@ -18,7 +18,7 @@ import torch
 from gptq_fixtures import llama_style_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, TrainerCallback
+from transformers import AutoTokenizer, LlamaConfig
 
 import finetune
 from finetune.config.recipe import RecipeError, compose_recipe
@@ -118,7 +118,7 @@ def meditron_like(tmp_path_factory):
 
 
 def tiny_run(model_dir: Path, output_dir: Path, *overrides: str):
-    # dropout on, so that resuming must restore the RNG as well as weights, optimizer, scheduler and data position
+    # three steps at a high learning rate: the added tokens' rows and the LoRA matrices move far from their start
     return compose_recipe("smoke", [f"model.name={model_dir}", f"output_dir={output_dir}", "train.max_steps=3",
                                     "train.save_steps=1", "train.learning_rate=1e-2", "lora.dropout=0.1",
                                     *overrides])
@@ -187,33 +187,3 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_trained):
     # the same row read as one long sequence mixes the examples: the check above can see contamination
     mixed = logits(trainer.model, batch["input_ids"])
     assert (mixed[second] - alone).abs().max() > 1e-3
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    """Stands in for a crash right after the step-`step` checkpoint is on disk."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"killed after checkpoint-{self.step}")
-
-
-def test_killed_run_resumes_to_the_identical_adapter(meditron_like, tiny_trained, tmp_path):
-    uninterrupted, _ = tiny_trained
-    run_dir = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        sft.train(tiny_run(meditron_like, run_dir), callbacks=[KillAfterCheckpoint(1)])
-    assert not (run_dir / "adapter").exists()
-    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
-
-    sft.train(tiny_run(meditron_like, run_dir, "resume=true"))
-    expected = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    assert expected.keys() == resumed.keys()  # LoRA matrices and the added tokens' rows
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
-    # the report covers the whole run, the steps before the crash included
-    losses = [e["loss"] for e in json.loads((run_dir / "metrics.json").read_text())["loss"]]
-    assert losses == [e["loss"] for e in json.loads((uninterrupted / "metrics.json").read_text())["loss"]]
-    assert len(losses) == 3
