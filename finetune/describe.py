@@ -18,8 +18,15 @@ from finetune.gptq.checkpoint_info import describe_checkpoint, format_report  # 
 from finetune.gptq.format import GPTQFormatError  # noqa: E402
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as the other scripts give them: one line naming the cause, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="Hub repo id (only config and safetensors headers are fetched) or local directory")
     parser.add_argument("--revision", default=None, help="Hub branch, e.g. gptq-4bit-128g-actorder_True (default: main)")
     parser.add_argument("--seq-len", type=int, default=4096, help="training sequence length for the memory estimate")
@@ -27,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1,
                         help="GPUs the model is sharded over with FSDP2 (accelerate_fsdp.yaml): memory per GPU")
     args = parser.parse_args(argv)
-    if args.gpus < 1:
-        parser.error(f"--gpus {args.gpus}: give a number of GPUs >= 1")
+    for option, value in (("--seq-len", args.seq_len), ("--lora-r", args.lora_r), ("--gpus", args.gpus)):
+        if value < 1:
+            parser.error(f"{option} {value}: give a number >= 1")
     try:
         info = describe_checkpoint(args.source, args.revision, args.seq_len, args.lora_r, args.gpus)
     except GPTQFormatError as err:

@@ -245,6 +245,9 @@ CASES = {
     "describe-branch-of-a-folder": Case("describe", ["{base}", "--revision", "gptq-3bit"], "{base} is a local "
                                         "directory, but revision='gptq-3bit' names a Hub branch; drop the revision, "
                                         "or pass the Hub repo id"),
+    "describe-seq-len-type": Case("describe", ["{base}", "--seq-len", "long"], "argument --seq-len: invalid int "
+                                  "value: 'long'; see --help"),
+    "describe-zero-gpus": Case("describe", ["{base}", "--gpus", "0"], "--gpus 0: give a number >= 1; see --help"),
     "describe-truncated-shard": Case("describe", ["{truncated_base}"], "{shard} is truncated or corrupted (Error "
                                      "while deserializing header: incomplete metadata, file not fully covered); "
                                      "download or write it again"),
@@ -273,7 +276,11 @@ def test_bad_input_is_one_line_and_writes_nothing(name, world, tmp_path, capsys)
             assert "Traceback" not in err, err[-3000:]
             err = err.strip().splitlines()[-1] + "\n"  # libraries' import-time warnings may come before it
         else:
-            code, err = MAINS[case.script](args), capsys.readouterr().err
+            try:
+                code = MAINS[case.script](args)
+            except SystemExit as stop:  # argparse's way out
+                code = stop.code
+            err = capsys.readouterr().err
         assert (snapshot(world["root"]), snapshot(tmp_path)) == before  # nothing written, nothing removed
     assert code == 2
     assert err.count("\n") == 1, err
