@@ -10,7 +10,9 @@ The packed tensors are frozen parameters (requires_grad=False), not buffers: FSD
 during forward and backward. DDP all-reduces only parameters that need a gradient, so it leaves them alone.
 
 Dequantisation goes through `dequantizer(device)`: the one seam where GPU kernels plug in. The plain-torch
-reference in `format.dequantize` serves the CPU and defines the exact result every kernel must match.
+reference in `format.dequantize` serves the CPU and defines the exact result every kernel must match. On a GPU,
+a forward of at most FUSED_MAX_TOKENS[bits] tokens (decoding) skips the dense weight altogether: the fused
+kernel (`triton_gemv`) multiplies straight from the packed tensors, with the same weight values.
 """
 
 import torch
@@ -20,6 +22,11 @@ from . import format as gptq_format
 from .format import GPTQConfig
 
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # frozen parameters, so that FSDP2 shards them
+# Per bit width, the token count up to which a CUDA forward multiplies from the packed weights (triton_gemv) instead
+# of dequantising for cuBLAS: the largest count measured faster at Llama-2-70B shapes on an H100 (BENCHMARKS.md:
+# 4-bit faster at 1-64 tokens, slower at 128; 3-bit faster at 1, slower at 64). 2- and 8-bit are not measured
+# (no Meditron branch has them), so they keep the dequantise path.
+FUSED_MAX_TOKENS = {4: 64, 3: 1}
 
 
 def dequantizer(device: torch.device):
@@ -39,6 +46,9 @@ class _GPTQMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "GPTQLinear") -> torch.Tensor:
         ctx.layer = layer  # the module, not a tensor: nothing is saved for backward
+        if x.device.type == "cuda" and x.numel() <= FUSED_MAX_TOKENS.get(layer.bits, 0) * layer.in_features:
+            from .triton_gemv import fused_matmul
+            return fused_matmul(x, layer)
         weight = dequantizer(x.device)(layer, x.dtype)
         return x @ weight.t()
 

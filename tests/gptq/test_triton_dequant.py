@@ -76,7 +76,7 @@ def test_kernel_is_bit_equal_to_reference_in_interpreter():
         import torch
         from finetune.gptq.triton_dequant import dequantize_triton
         from finetune.gptq.layer import reference_dequantize
-        from tests.test_triton_dequant import PACKINGS, random_layer
+        from tests.gptq.test_triton_dequant import PACKINGS, random_layer
         for seed, config in enumerate(PACKINGS):
             layer = random_layer(160, 136, config, seed)  # not multiples of the 32 x 128 tile
             for dtype in (torch.float32, torch.float16):
