@@ -22,6 +22,7 @@ from . import format as gptq_format
 from .format import GPTQConfig
 
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # frozen parameters, so that FSDP2 shards them
+BITS_AS_FLOAT = {torch.int32: torch.float32, torch.int64: torch.float64}  # same width: a view, not a copy
 # Per bit width, the token count up to which a CUDA forward multiplies from the packed weights (triton_gemv) instead
 # of dequantising for cuBLAS: the largest count measured faster at Llama-2-70B shapes on an H100 (BENCHMARKS.md:
 # 4-bit faster at 1-64 tokens, slower at 128; 3-bit faster at 1, slower at 64). 2- and 8-bit are not measured
@@ -79,6 +80,25 @@ class GPTQLinear(nn.Linear):
         if name in PACKED_TENSORS and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             value = nn.Parameter(value, requires_grad=False)  # assigning a tensor keeps it a frozen parameter
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)  # parameters live in _parameters: every read of one comes here
+        int_dtypes = self.__dict__.get("int_dtypes")
+        if int_dtypes and name in int_dtypes and value.dtype != int_dtypes[name]:
+            return value.view(int_dtypes[name])  # held as float bits (hold_ints_as_floats): the integers again
+        return value
+
+    def hold_ints_as_floats(self) -> None:
+        """Keep the integer packed tensors as float tensors of the same bits (a view, no copy), read back as integers.
+        For FSDP2: torch 2.11's `fully_shard` makes every sharded parameter require a gradient, which an integer
+        tensor cannot (bitsandbytes' FSDP-QLoRA stores its 4-bit weights in a float dtype for the same reason)."""
+        self.int_dtypes = {}
+        for name in PACKED_TENSORS:
+            tensor = self._parameters[name]
+            if tensor.dtype in BITS_AS_FLOAT:
+                self.int_dtypes[name] = tensor.dtype
+                self._parameters[name] = nn.Parameter(tensor.detach().view(BITS_AS_FLOAT[tensor.dtype]),
+                                                      requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _GPTQMatmul.apply(x, self)

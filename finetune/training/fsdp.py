@@ -75,9 +75,18 @@ def apply_memory_cap(cap_gib: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(cap_gib / total, 1.0), device)
 
 
+def prepare_gptq_for_sharding(model: torch.nn.Module) -> None:
+    """Every GPTQLinear holds its integer tensors as float bits (GPTQLinear.hold_ints_as_floats), which any
+    `fully_shard` takes; keep_stored_dtypes makes sure FSDP never casts them."""
+    from ..gptq.layer import GPTQLinear
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.hold_ints_as_floats()
+
+
 def keep_stored_dtypes(plugin: FullyShardedDataParallelPlugin) -> None:
     """Gather every weight in the dtype it is stored in, gradients reduced in fp32: the default policy would cast
-    the fp16 GPTQ scales to bf16 (a rounding one GPU never makes); autocast still computes in bf16."""
+    the fp16 GPTQ scales to bf16 (a rounding one GPU never makes) and the integers held as floats (garbage)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
 

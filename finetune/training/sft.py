@@ -212,6 +212,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
     if prepared.fsdp is not None:  # accelerate shards the model when training starts
+        fsdp.prepare_gptq_for_sharding(trainer.model)
         fsdp.keep_stored_dtypes(trainer.accelerator.state.fsdp_plugin)
         fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
     if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import load_model
-from finetune.training.fsdp import full_adapter_state, keep_stored_dtypes
+from finetune.training.fsdp import full_adapter_state, keep_stored_dtypes, prepare_gptq_for_sharding
 
 
 def lora_model(checkpoint: str) -> torch.nn.Module:
@@ -48,6 +48,7 @@ def main(checkpoint: str, out: str, sharded: bool) -> None:
     if sharded:
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                 reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
+        prepare_gptq_for_sharding(model)
         keep_stored_dtypes(plugin)
         accelerator.state.fsdp_plugin = plugin
         model = fsdp2_prepare_model(accelerator, model)

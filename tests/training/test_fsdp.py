@@ -114,3 +114,22 @@ def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
                              "--seq-len", "512"], capture_output=True, text=True, check=True).stdout
     assert "gradient checkpointing, per GPU of 2 sharded with FSDP2):" in report
     assert f"{'total':<28} {two['total']:7.2f} GiB" in report
+
+
+def test_integers_held_as_float_bits_read_back_unchanged(checkpoint):
+    """What fully_shard takes on any torch: the packed integers as float tensors of the same bits."""
+    from finetune.gptq.layer import GPTQLinear
+    from finetune.gptq.loader import load_model
+    from finetune.training.fsdp import prepare_gptq_for_sharding
+    model = load_model(checkpoint, device="cpu")
+    layer = next(m for m in model.modules() if isinstance(m, GPTQLinear))
+    before = {name: getattr(layer, name).clone() for name in ("qweight", "qzeros", "scales", "g_idx")}
+    weight = layer.dequantize_weight()
+    prepare_gptq_for_sharding(model)
+    stored = dict(layer.named_parameters())
+    assert {name: t.dtype for name, t in stored.items()} == {"qweight": torch.float32, "qzeros": torch.float32,
+                                                             "scales": torch.float16, "g_idx": torch.float32}
+    for name, tensor in before.items():
+        assert torch.equal(getattr(layer, name), tensor) and getattr(layer, name).dtype == tensor.dtype
+    assert getattr(layer, "qweight").data_ptr() == stored["qweight"].data_ptr()  # a view: no copy
+    assert torch.equal(layer.dequantize_weight(), weight)
