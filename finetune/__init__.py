@@ -7,13 +7,13 @@ The subpackages are the pipeline, each importing only from those above it in thi
     config/      Hydra recipes and command-line configs, the run directory's rules
     models/      which model a recipe names: the built-in SmolLM2, the build cache, re-quantising, adapters
     gpu/         the fast GPU training path: lean LoRA, host layers, flex attention
-    evaluation/  benchmark evaluation: scoring, answer parsing, the report
-    training/    one SFT run: the trainer, its report, evaluation during training
+    evaluation/  benchmark evaluation: scoring, answer parsing, the report, comparisons of runs and evaluations
+    training/    one SFT run: the trainer, its report, evaluation during training; sweeps of runs
     export/      merged / re-quantised weights, parity, model card, publishing
     bench/       the speed benchmarks against the peer stack
 
-The entry scripts beside them (train.py, evaluate.py, export.py, publish.py, describe.py) are thin commands
-over these.
+The entry scripts beside them (train.py, sweep.py, evaluate.py, compare.py, export.py, publish.py, describe.py)
+are thin commands over these.
 """
 
 from pathlib import Path

@@ -7,6 +7,11 @@ Hydra overrides are training's (eval.* in recipes/base.yaml), so an adapter is e
     python finetune/evaluate.py recipe=medqa eval.mode=sc eval.limit=200 output_dir=runs/base-sc   # the base alone
     python finetune/evaluate.py recipe=medqa adapter=you/meditron-medqa-lora eval.benchmarks=[pubmedqa,medqa4] \
         eval.mode=loglik eval.limit=50 output_dir=runs/hub-eval
+    python finetune/evaluate.py recipe=smoke adapter=[none,runs/a,runs/b] output_dir=runs/ab-eval   # side by side
+
+adapter=[none,runs/a,...] scores the base model (none) and each adapter on the same questions, loading the base
+once: output_dir/<base|a|b>/ each hold a whole evaluation, and output_dir/comparison.md, .csv and .png compare them
+(as finetune/compare.py does: accuracy with intervals, answers chosen, McNemar's test against the base model).
 """
 
 import os
@@ -18,7 +23,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import shlex  # noqa: E402
 
 from finetune.config.recipe import RecipeError, compose_recipe, split_args, usage  # noqa: E402
-from finetune.evaluation.harness import evaluate  # noqa: E402
+from finetune.evaluation.harness import adapter_list, evaluate, evaluate_many  # noqa: E402
 from finetune.gptq import GPTQFormatError  # noqa: E402
 
 
@@ -28,15 +33,19 @@ def main(args: list[str]) -> int:
         return 0
     try:
         cfg = compose_recipe(*split_args(args))
-        summary = evaluate(cfg, command=shlex.join(["finetune/evaluate.py", *args]))
+        command = shlex.join(["finetune/evaluate.py", *args])
+        several = adapter_list(cfg) is not None
+        summaries = evaluate_many(cfg, command) if several else {"": evaluate(cfg, command)}
     except (RecipeError, GPTQFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, s in summary.items():
-        low, high = s["ci95"]
-        print(f"{name:>15}: {100 * s['accuracy']:5.1f}% ({100 * low:.1f}-{100 * high:.1f}) of {s['n']}, "
-              f"unparseable {100 * s['unparseable_rate']:.1f}%")
-    print(f"results in {cfg.output_dir}")
+    for label, summary in summaries.items():
+        for name, s in summary.items():
+            low, high = s["ci95"]
+            print(f"{label + ' ' if label else ''}{name:>15}: {100 * s['accuracy']:5.1f}% ({100 * low:.1f}-"
+                  f"{100 * high:.1f}) of {s['n']}, unparseable {100 * s['unparseable_rate']:.1f}%, majority class "
+                  f"{100 * s['majority']['rate']:.1f}%")
+    print(f"results in {cfg.output_dir}" + (f", compared in {cfg.output_dir}/comparison.md" if several else ""))
     return 0
 
 

@@ -9,7 +9,7 @@ import finetune
 
 PACKAGE = Path(finetune.__file__).parent
 LAYERS = ["gptq", "data", "config", "models", "gpu", "evaluation", "training", "release", "bench"]
-ENTRY_SCRIPTS = {"train.py", "evaluate.py", "export.py", "publish.py", "describe.py"}
+ENTRY_SCRIPTS = {"train.py", "evaluate.py", "export.py", "publish.py", "describe.py", "sweep.py", "compare.py"}
 
 
 def imported_subpackages(path: Path) -> set[str]:

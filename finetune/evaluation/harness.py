@@ -10,6 +10,10 @@
 
 Everything a user can get wrong -- mode, benchmark names, data files and splits, the adapter and the base it
 was trained on -- is checked in `prepare` before any weight is loaded.
+
+`adapter=[none,runs/a,runs/b]` evaluates the base model and each adapter on the same questions, loading the base
+once (each adapter is put on and taken off again with PEFT), one evaluation folder each under output_dir, and
+writes their comparison (finetune.evaluation.compare) beside them.
 """
 
 import hashlib
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoTokenizer, set_seed
 
 from .. import load_model
@@ -30,7 +34,8 @@ from ..models.adapter import attach_adapter, read_adapter_config
 from ..models.source import model_source
 from .answers import parse_answer
 from .benchmarks import BenchmarkSpec, EvalError, check_settings, eval_batch_size, load_items, paper_only
-from .report import build_manifest, write_results
+from .compare import COMPARISON_FILES, compare
+from .report import build_manifest, reference_rates, write_results
 from .scoring import OptionRequest, generate_texts, majority_vote, score_options, wilson_interval
 
 # --- the adapter and its base ---------------------------------------------------------------------------------------
@@ -104,16 +109,20 @@ def check_base(adapter: Adapter, cfg: DictConfig, source: str | Path) -> None:
                         f".json), but the recipe's model.revision is {cfg.model.revision or 'main'}; {fix}")
 
 
-def load_model_and_tokenizer(cfg: DictConfig, source: str | Path, model_dir: Path, adapter: Adapter | None):
-    """The GPTQ model (with the adapter on it), in eval mode, and the ChatML tokenizer it was trained with."""
-    has_tokenizer = adapter is not None and (adapter.path / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter.path if has_tokenizer else model_dir)
-    chatml.prepare_tokenizer(tokenizer)  # a no-op on a tokenizer saved by training
+def load_base_model(cfg: DictConfig, source: str | Path):
     dtype = getattr(torch, cfg.eval.dtype) if cfg.eval.dtype else None
     model = load_model(source, revision=cfg.model.revision, dtype=dtype)
     if model.device.type == "cuda" and cfg.gpu.fast_path:
         from ..gpu.fast_training import apply_liger
         apply_liger(model)  # fused RoPE/RMSNorm/SwiGLU: 10 % less time at 70B shape (eval/BENCHMARKS.md)
+    return model
+
+
+def with_adapter(model, model_dir: Path, adapter: Adapter | None):
+    """The base model with the adapter on it, in eval mode, and the ChatML tokenizer it was trained with."""
+    has_tokenizer = adapter is not None and (adapter.path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter.path if has_tokenizer else model_dir)
+    chatml.prepare_tokenizer(tokenizer)  # a no-op on a tokenizer saved by training
     if adapter is not None:
         model = attach_adapter(model, adapter.path)
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -127,7 +136,7 @@ def load_model_and_tokenizer(cfg: DictConfig, source: str | Path, model_dir: Pat
 def _record(item: QAItem, prompt: str, output, answer: str | None) -> dict:
     return {"id": item.id, "group": item.subject,
             "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(), "output": output, "answer": answer,
-            "gold": item.answer, "correct": answer == item.answer}
+            "gold": item.answer, "correct": answer == item.answer, "choices": chatml.answer_choices(item)}
 
 
 def loglik_requests(tokenizer, items: list[QAItem], system: str | None = None
@@ -203,11 +212,12 @@ def accuracy(correct: int, total: int) -> dict:
 
 
 def summarise(records: list[dict], spec: BenchmarkSpec, mode: str) -> dict:
-    """Accuracy with its 95% Wilson interval, the unparseable rate, and per-group accuracy where asked."""
+    """Accuracy with its 95% Wilson interval, the unparseable rate, chance and the majority class of these
+    questions, and per-group accuracy where asked."""
     summary = accuracy(sum(r["correct"] for r in records), len(records))
     unparseable = sum(r["answer"] is None for r in records)
     summary.update(unparseable=unparseable, unparseable_rate=unparseable / len(records) if records else 0.0,
-                   title=spec.title, split=spec.split, paper=spec.paper)
+                   title=spec.title, split=spec.split, paper=spec.paper, **reference_rates(records))
     if mode == "loglik":
         summary["length_normalised"] = accuracy(sum(r["correct_norm"] for r in records), len(records))
     if spec.group_by:
@@ -251,10 +261,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(cfg, benchmarks, adapter, source, model_dir)
 
 
-def evaluate(cfg: DictConfig, command: str = "") -> dict:
-    """The whole evaluation into cfg.output_dir; returns summary.json's content."""
-    prepared = prepare(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg, prepared.source, prepared.model_dir, prepared.adapter)
+def run_benchmarks(prepared: Prepared, model, tokenizer, command: str) -> dict:
+    """Predict every benchmark and write the results into output_dir; returns summary.json's content."""
+    cfg = prepared.cfg
     records, summary = [], {}
     for spec, _, items in prepared.benchmarks:
         predictions = [{"benchmark": spec.name, **record}
@@ -267,3 +276,58 @@ def evaluate(cfg: DictConfig, command: str = "") -> dict:
                   build_manifest(prepared, model, eval_batch_size(cfg), command), heading,
                   paper_only())
     return summary
+
+
+def evaluate(cfg: DictConfig, command: str = "") -> dict:
+    """The whole evaluation of one model (cfg.adapter: one adapter or null) into cfg.output_dir; returns
+    summary.json's content."""
+    prepared = prepare(cfg)
+    model, tokenizer = with_adapter(load_base_model(cfg, prepared.source), prepared.model_dir, prepared.adapter)
+    return run_benchmarks(prepared, model, tokenizer, command)
+
+
+def adapter_list(cfg: DictConfig) -> list[str | None] | None:
+    """adapter=[none,runs/a,...] as a list (None: the base model alone); None when adapter= is a single one."""
+    if not isinstance(cfg.adapter, ListConfig):
+        return None
+    adapters = [None if a is None or str(a).lower() == "none" else str(a) for a in cfg.adapter]
+    if not adapters:
+        raise EvalError("adapter=[] is empty; pass adapter=[none,runs/a] (none: the base model) or drop adapter=")
+    if len(set(adapters)) < len(adapters):
+        raise EvalError(f"adapter={list(cfg.adapter)} names one adapter twice; list each once")
+    return adapters
+
+
+def adapter_labels(adapters: list[str | None]) -> list[str]:
+    """A folder name per adapter: `base` for the base model, else its run or folder name (a Hub id's name)."""
+    labels = []
+    for adapter in adapters:
+        path = Path(adapter) if adapter else None
+        name = "base" if path is None else (path.parent.name if path.name == "adapter" else path.name)
+        labels.append(name if name not in labels else f"{name}-{len(labels)}")
+    return labels
+
+
+def evaluate_many(cfg: DictConfig, command: str = "") -> dict[str, dict]:
+    """adapter=[none,runs/a,...]: each on the same questions into output_dir/<label> (every check first, the base
+    loaded once), then their comparison in output_dir; returns {label: summary}."""
+    adapters, out = adapter_list(cfg), Path(cfg.output_dir)
+    done = [name for name in COMPARISON_FILES if (out / name).exists()]
+    if done:
+        raise EvalError(f"output_dir {out} already holds a comparison ({done[0]}); pass a new output_dir=...")
+    runs = {}
+    for label, adapter in zip(adapter_labels(adapters), adapters):
+        one = cfg.copy()
+        one.adapter, one.output_dir = adapter, str(out / label)
+        runs[label] = prepare(one)
+    first = next(iter(runs.values()))
+    model = load_base_model(cfg, first.source)
+    summaries = {}
+    for label, prepared in runs.items():
+        print(f"evaluating {label} ({prepared.adapter.given if prepared.adapter else 'the base model alone'})")
+        with_it, tokenizer = with_adapter(model, prepared.model_dir, prepared.adapter)
+        summaries[label] = run_benchmarks(prepared, with_it, tokenizer, command)
+        if prepared.adapter is not None:
+            model = with_it.unload()  # PEFT takes its layers off again: the next one sees the bare base
+    compare([out / label for label in runs], out)
+    return summaries

@@ -3,15 +3,18 @@
     eval_config.yaml   the resolved recipe (not config.yaml: output_dir may be the training run's own folder)
     predictions.jsonl  one line per question: benchmark, id, group, prompt hash, raw output, parsed answer, gold,
                        correct (loglik: each choice's log-probability and the length-normalised answer; sc: votes)
-    summary.json       per benchmark: accuracy with its 95% Wilson interval, unparseable rate, per-group accuracy
+    summary.json       per benchmark: accuracy with its 95% Wilson interval, unparseable rate, per-group accuracy,
+                       chance and the majority class of the questions evaluated
     manifest.json      model and revision, adapter hash, template hash, seeds, decoding, data file hashes, versions
     results.md         our accuracies beside Meditron-70B's published ones
-    accuracy.png       the same as a bar chart
+    accuracy.png       the same as a bar chart, with chance, majority-class and paper lines
 """
 
 import hashlib
 import json
 import platform
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -53,38 +56,91 @@ def write_predictions(path: Path, records: list[dict]) -> None:
 
 def results_table(summary: dict, heading: str, paper_only: dict) -> str:
     """Markdown: one row per benchmark evaluated, then the paper's benchmarks we do not evaluate."""
-    lines = [f"# {heading}", "",
-             "| Benchmark | Questions | Accuracy (95% CI) | Unparseable | Meditron-70B (paper) |",
-             "|---|---:|---:|---:|---:|"]
+    header = ("| Benchmark | Questions | Accuracy (95% CI) | Unparseable | Meditron-70B (paper) | Chance | "
+              "Majority class |")
+    lines = [f"# {heading}", "", header,
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s in summary.values():
         low, high = s["ci95"]
         paper = f"{s['paper']:.1f}" if s["paper"] is not None else "–"
         lines.append(f"| {s['title']} ({s['split']}) | {s['n']} | {100 * s['accuracy']:.1f} "
-                     f"({100 * low:.1f}–{100 * high:.1f}) | {100 * s['unparseable_rate']:.1f}% | {paper} |")
+                     f"({100 * low:.1f}–{100 * high:.1f}) | {100 * s['unparseable_rate']:.1f}% | {paper} | "
+                     f"{reference_cells(s)} |")
     for entry in paper_only.values():
-        lines.append(f"| {entry['title']} | – | not evaluated | – | {entry['paper']:.1f} |")
+        lines.append(f"| {entry['title']} | – | not evaluated | – | {entry['paper']:.1f} | – | – |")
     lines += ["", "Paper: Meditron-70B fine-tuned per benchmark, self-consistency chain of thought (Chen et al. 2023, "
               "MEDITRON-70B: Scaling Medical Pretraining for Large Language Models). Accuracies in %; the interval is "
               "the 95% Wilson score interval."]
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(summary: dict, path: Path, title: str) -> None:
-    """Our accuracy per benchmark with its 95% interval, the paper's as a marker."""
-    names = list(summary)
-    ours = [100 * summary[n]["accuracy"] for n in names]
-    errors = [[o - 100 * summary[n]["ci95"][0] for n, o in zip(names, ours)],
-              [100 * summary[n]["ci95"][1] - o for n, o in zip(names, ours)]]
-    fig = Figure(figsize=(1.6 * len(names) + 2.5, 4), dpi=100)
-    ax = fig.subplots()
-    ax.bar(names, ours, yerr=errors, capsize=4, color="tab:blue", label="this evaluation (95% CI)")
-    papers = [(i, summary[n]["paper"]) for i, n in enumerate(names) if summary[n]["paper"] is not None]
-    if papers:
-        ax.scatter([i for i, _ in papers], [p for _, p in papers], marker="_", s=900, linewidths=3,
-                   color="tab:red", zorder=3, label="Meditron-70B (paper)")
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
-    ax.legend(loc="upper right", fontsize=8)
+def reference_rates(records: list[dict]) -> dict:
+    """What guessing scores on these questions (the mean of 1 / number of choices), and what always giving their
+    commonest gold answer scores (the majority class: a model answering "yes" to every PubMedQA question gets it)."""
+    choices = [r.get("choices") or list(r.get("logprobs") or ()) for r in records]
+    chance = sum(1 / len(c) for c in choices) / len(records) if records and all(choices) else None
+    answer, count = Counter(r["gold"] for r in records).most_common(1)[0] if records else (None, 0)
+    return {"chance": chance, "majority": {"answer": answer, "rate": count / len(records) if records else None}}
+
+
+def reference_cells(summary: dict) -> str:
+    """`chance | majority class` of one benchmark's summary, in %, for a Markdown row."""
+    chance, majority = summary.get("chance"), summary.get("majority") or {}
+    cells = [f"{100 * chance:.1f}" if chance is not None else "–",
+             f"{100 * majority['rate']:.1f} ({majority['answer']})" if majority.get("rate") is not None else "–"]
+    return " | ".join(cells)
+
+
+def short_label(text: str, width: int = 40) -> str:
+    """A long path kept readable in a legend: its start and end around an ellipsis."""
+    return text if len(text) <= width else f"{text[: width // 2 - 1]}…{text[-(width // 2):]}"
+
+
+def draw_accuracy(ax, summaries: dict[str, dict], base: str | None = None) -> None:
+    """Grouped bars: accuracy per benchmark (x) for each labelled evaluation's summary.json, with its 95% interval;
+    across each group, lines for chance, the majority class, the base model (`base`, a label) and the paper."""
+    names = list(dict.fromkeys(name for summary in summaries.values() for name in summary))
+    width = 0.8 / len(summaries)
+    for j, (label, summary) in enumerate(summaries.items()):
+        xs = [i + (j - (len(summaries) - 1) / 2) * width for i, name in enumerate(names) if name in summary]
+        ours = [100 * summary[name]["accuracy"] for name in names if name in summary]
+        lows = [100 * summary[name]["ci95"][0] for name in names if name in summary]
+        highs = [100 * summary[name]["ci95"][1] for name in names if name in summary]
+        errors = [[max(0.0, o - lo) for o, lo in zip(ours, lows)],  # max: rounding at 0 and 100 %
+                  [max(0.0, hi - o) for o, hi in zip(ours, highs)]]
+        ax.bar(xs, ours, width=width * 0.9, yerr=errors,
+               capsize=3, label=short_label(label))
+    lines = {"chance": ("tab:gray", "--"), "majority class": ("black", ":"), "base model": ("black", "-."),
+             "Meditron-70B (paper)": ("darkred", "-")}
+    drawn = set()
+    for i, name in enumerate(names):
+        first = next(summary[name] for summary in summaries.values() if name in summary)
+        levels = {"chance": first.get("chance"), "majority class": (first.get("majority") or {}).get("rate"),
+                  "base model": summaries[base][name]["accuracy"] if name in summaries.get(base, {}) else None,
+                  "Meditron-70B (paper)": first["paper"] / 100 if first.get("paper") is not None else None}
+        for what, level in levels.items():
+            if level is not None:
+                color, style = lines[what]
+                ax.hlines(100 * level, i - 0.45, i + 0.45, colors=color, linestyles=style, linewidth=2, zorder=3,
+                          label=None if what in drawn else what)
+                drawn.add(what)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100))
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+
+
+def wrapped_title(fig: Figure, title: str) -> str:
+    """The title in lines that fit the figure's width (about 11 characters an inch at the default size)."""
+    return textwrap.fill(title, width=max(30, int(fig.get_figwidth() * 11)))
+
+
+def plot_accuracy(summary: dict, path: Path, title: str) -> None:
+    """Our accuracy per benchmark with its 95% interval, beside chance, the majority class and the paper."""
+    fig = Figure(figsize=(1.6 * len(summary) + 4.5, 4), dpi=100)
+    ax = fig.subplots()
+    draw_accuracy(ax, {"this evaluation (95% CI)": summary})
+    ax.set_title(wrapped_title(fig, title), fontsize=10)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png"))
 

@@ -22,7 +22,7 @@ from finetune.config.recipe import compose_recipe
 from finetune.data import chatml
 from finetune.data.registry import default_data_root
 from finetune.evaluation.benchmarks import EvalError, benchmark_specs, load_items
-from finetune.evaluation.harness import evaluate, loglik_requests, prepare
+from finetune.evaluation.harness import evaluate, evaluate_many, loglik_requests, prepare
 from finetune.evaluation.scoring import OptionRequest, generate_texts, majority_vote, option_logprobs, wilson_interval
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
@@ -337,3 +337,22 @@ def test_evaluation_inside_the_training_run_keeps_its_config(smoke_run):
     assert (run_dir / "config.yaml").read_text() == before
     assert json.loads((run_dir / "summary.json").read_text())["pubmedqa_smoke"]["n"] == 2
     assert "adapter: " + str(run_dir) in (run_dir / "eval_config.yaml").read_text()
+
+
+def test_several_adapters_in_one_call_score_as_each_alone(smoke_run, tmp_path):
+    """adapter=[<run>,none]: the adapter first, then the base with the adapter taken off again -- each scores as
+    it does alone, and the comparison is written beside them."""
+    run_dir, _ = smoke_run
+    settings = ["eval.benchmarks=[pubmedqa_smoke]", "eval.limit=2"]
+    summaries = evaluate_many(compose_recipe("smoke", [*settings, f"adapter=[{run_dir},none]",
+                                                       f"output_dir={tmp_path / 'both'}"]), command="test")
+    assert list(summaries) == ["run", "base"]
+    evaluate(compose_recipe("smoke", [*settings, f"output_dir={tmp_path / 'base'}"]), command="test")
+    alone, after = read_predictions(tmp_path / "base"), read_predictions(tmp_path / "both" / "base")
+    for a, b in zip(after, alone, strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"])
+    assert [r["logprobs"] for r in read_predictions(tmp_path / "both" / "run")] != [r["logprobs"] for r in alone]
+    table = (tmp_path / "both" / "comparison.md").read_text()
+    assert "Reference: `base` (the base model)" in table and "| run | 2 |" in table
+    with pytest.raises(EvalError, match="already holds a comparison"):
+        evaluate_many(compose_recipe("smoke", [*settings, "adapter=[none]", f"output_dir={tmp_path / 'both'}"]))
