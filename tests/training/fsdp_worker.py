@@ -24,7 +24,11 @@ from torch.distributed.tensor import DTensor
 
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import load_model
-from finetune.training.fsdp import full_adapter_state, keep_stored_dtypes, prepare_gptq_for_sharding
+from finetune.training.fsdp import (
+    full_adapter_state,
+    keep_stored_dtypes,
+    prepare_gptq_for_sharding,
+)
 
 
 def lora_model(checkpoint: str) -> torch.nn.Module:

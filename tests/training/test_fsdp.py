@@ -74,8 +74,8 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POL
 
 @pytest.mark.parametrize("setting, message", [
     ({"FSDP_VERSION": "1"}, r"^fsdp_version 1 \(FSDP1\) .* set fsdp_version: 2 \(see accelerate_fsdp.yaml\)$"),
-    ({"FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, r"^fsdp_sharding_strategy HYBRID_SHARD is not supported .*"
-                                                 r"fsdp_reshard_after_forward: true"),
+    ({"FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, (r"^fsdp_sharding_strategy HYBRID_SHARD is not supported .*"
+                                                  r"fsdp_reshard_after_forward: true")),
     ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, r"^accelerate's FSDP settings: .*see accelerate_fsdp.yaml$"),
     ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, r"^fsdp_auto_wrap_policy must be TRANSFORMER_BASED_WRAP"),
     ({"FSDP_OFFLOAD_PARAMS": "true"}, r"^fsdp_offload_params: true is not supported"),
@@ -131,5 +131,5 @@ def test_integers_held_as_float_bits_read_back_unchanged(checkpoint):
                                                              "scales": torch.float16, "g_idx": torch.float32}
     for name, tensor in before.items():
         assert torch.equal(getattr(layer, name), tensor) and getattr(layer, name).dtype == tensor.dtype
-    assert getattr(layer, "qweight").data_ptr() == stored["qweight"].data_ptr()  # a view: no copy
+    assert layer.qweight.data_ptr() == stored["qweight"].data_ptr()  # a view: no copy
     assert torch.equal(layer.dequantize_weight(), weight)
