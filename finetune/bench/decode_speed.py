@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .train_speed import worker
+
 MEDQA4_QUESTIONS = 1273
 
 
@@ -198,8 +200,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        torch.manual_seed(0)
-        print("RESULT " + json.dumps(time_side(json.loads(sys.argv[2]))), flush=True)
+    if sys.argv[1:2] == ["--worker"]:
+        worker(time_side)
     else:
         main()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from finetune import REPO_ROOT
-from finetune.bench.train_speed import run_worker
+from finetune.bench.train_speed import run_worker, worker
 
 TOKENIZER = "smollm2-135m-instruct"  # the built-in model's tokenizer (has <|im_start|>, <|im_end|>)
 
@@ -209,8 +209,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        torch.manual_seed(0)
-        print("RESULT " + json.dumps(peer_case(json.loads(sys.argv[3]))), flush=True)
+    if sys.argv[1:2] == ["--worker"]:
+        worker(peer_case)
     else:
         main()

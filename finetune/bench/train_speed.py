@@ -218,6 +218,15 @@ def run_worker(module: str, args: list[str], log, env: dict | None = None, launc
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def worker(case) -> None:
+    """The other side of `run_worker`, in the `--worker ... SPEC` process: seeded, `case` runs on the JSON spec
+    (the last argument) and its result is printed as the RESULT line (by the main process under accelerate)."""
+    torch.manual_seed(0)
+    result = case(json.loads(sys.argv[-1]))
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), flush=True)
+
+
 def run_case(kind: str, spec: dict, log) -> dict:
     """One case in its own process, timed."""
     # part of our path: no fragmentation at long lengths
@@ -330,10 +339,7 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        torch.manual_seed(0)
-        result = CASES[sys.argv[2]](json.loads(sys.argv[3]))
-        if os.environ.get("RANK", "0") == "0":  # under accelerate launch: the main process reports
-            print("RESULT " + json.dumps(result), flush=True)
+    if sys.argv[1:2] == ["--worker"]:
+        worker(CASES[sys.argv[2]])
     else:
         main()
