@@ -160,6 +160,9 @@ CASES = {
     "train-bad-row": Case("train", [*TRAIN, "data.train.pubmedqa.options.path={bad_rows}"],
                           "data.train.pubmedqa: {bad_rows} row 3 (PMID 90000003): final_decision 'perhaps' is not one "
                           "of yes/no/maybe; fix: correct or remove that row, or load with on_bad_row=skip"),
+    "train-answers-cut": Case("train", [*TRAIN, "train.max_length=16"],
+                              "train.max_length=16 cuts every example before its answer, so nothing would train; "
+                              "raise it (the longest example is ..."),
     # train.py: the output directory
     "train-existing-run": Case("train", TRAIN, "output_dir {out} already holds a run; pass a new output_dir=... or "
                                "resume=true to continue it", existing_run),

@@ -152,6 +152,26 @@ def check_scheduler(args: SFTConfig) -> None:
                           "~train.lr_scheduler_kwargs") from None
 
 
+def check_answers_fit(cfg: DictConfig, dataset: Dataset, model_dir: Path) -> int:
+    """How many examples run past train.max_length, where the trainer cuts them and their answer with them (loss is
+    only on the answer); an error when every answer is cut, since nothing would train. Tokenizer only: no weights."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chatml.prepare_tokenizer(tokenizer)
+    prompts = list(dataset["prompt"])
+    full = tokenizer([p + c for p, c in zip(prompts, dataset["completion"])])["input_ids"]
+    prompts = tokenizer(prompts)["input_ids"]
+    max_length = cfg.train.max_length
+    cut = sum(len(ids) > max_length for ids in full)
+    if all(len(ids) >= max_length for ids in prompts):
+        longest = max(map(len, full))
+        raise RecipeError(f"train.max_length={max_length} cuts every example before its answer, so nothing would "
+                          f"train; raise it (the longest example is {longest} tokens)")
+    if cut:
+        print(f"note: {cut} of {len(full)} examples are longer than train.max_length={max_length} and lose the "
+              "end of their answer; raise train.max_length to keep them whole")
+    return cut
+
+
 def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
@@ -167,6 +187,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         fsdp.check_sharded_memory(cfg, source, PartialState().num_processes)
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
+        check_answers_fit(cfg, dataset, model_dir)
         eval_slice = training_slice(cfg)
     return Prepared(cfg, source, model_dir, dataset, data_report, resume_from, eval_slice, plugin)
 
