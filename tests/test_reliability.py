@@ -125,6 +125,10 @@ CASES = {
                              "by alpha/r); pass e.g. lora.alpha=16"),
     "train-dropout": Case("train", [*TRAIN, "lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1); pass e.g. "
                           "lora.dropout=0.05"),
+    "train-profile-step-zero": Case("train", [*TRAIN, "profile_step=0"], "profile_step=0 should be an optimiser "
+                                    "step number >= 1 (e.g. 5, after warm-up), or null for no profile"),
+    "train-profile-after-end": Case("train", [*TRAIN, "train.max_steps=3", "profile_step=9"], "profile_step=9 is "
+                                    "after the run's last step (train.max_steps=3); pass profile_step=3"),
     "train-no-targets": Case("train", [*TRAIN, "lora.target_modules=[]"], "lora.target_modules is empty; list the "
                              "linear layers to adapt, e.g. lora.target_modules=[q_proj,v_proj]"),
     "train-target-not-in-model": Case("train", [*TRAIN, "lora.target_modules=[q_proj,qkv_proj]"],

@@ -194,6 +194,19 @@ def check_lora_settings(cfg: DictConfig) -> None:
                           "lora.target_modules=[q_proj,v_proj]")
 
 
+def check_profile_step(cfg: DictConfig) -> None:
+    """profile_step names an optimiser step the run will take."""
+    step, max_steps = cfg.profile_step, cfg.train.get("max_steps", -1)
+    if step is None:
+        return
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise RecipeError(f"profile_step={step!r} should be an optimiser step number >= 1 (e.g. 5, after warm-up), "
+                          "or null for no profile")
+    if max_steps > 0 and step > max_steps:
+        raise RecipeError(f"profile_step={step} is after the run's last step (train.max_steps={max_steps}); pass "
+                          f"profile_step={min(5, max_steps)}")
+
+
 def check_gpu_settings(cfg: DictConfig, on_gpu: bool) -> None:
     """The `gpu` settings, checked before loading: memory sizes are numbers or null; gpu.fast_path on a GPU uses
     liger-kernel, the `gpu` extra."""

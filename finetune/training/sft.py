@@ -38,6 +38,7 @@ from ..config.recipe import (
     RecipeError,
     check_gpu_settings,
     check_lora_settings,
+    check_profile_step,
     check_run_dir,
 )
 from ..data import chatml
@@ -48,8 +49,9 @@ from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source, tensor_shapes, weight_files
 from ..gptq.memory import ModelShape, estimate_lora_training_memory
 from ..models.source import model_source
-from .eval_callback import SliceAccuracyCallback, training_slice
 from . import fsdp
+from .eval_callback import SliceAccuracyCallback, training_slice
+from .profile import ProfileStep
 from .run_report import RunReport, save_adapter, save_config
 
 DATA_ENTRY_KEYS = ("benchmark", "split", "source", "explanation", "options")
@@ -176,6 +178,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     """All checks of a run, cheapest first; no weights are read and nothing is written."""
     resume_from = check_run_dir(cfg)
     check_lora_settings(cfg)
+    check_profile_step(cfg)
     check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
     plugin = fsdp.fsdp_plugin()
     if plugin is not None:
@@ -287,6 +290,8 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
             trainer.add_callback(SliceAccuracyCallback(trainer, benchmark, items,
                                                        cfg.eval.during_training.every_n_steps, eval_batch_size(cfg),
                                                        cfg.data.system_prompt))
+        if cfg.profile_step is not None:
+            trainer.add_callback(ProfileStep(cfg.profile_step, run_dir, state.process_index))
         if prepared.resume_from is not None and is_final_checkpoint(prepared.resume_from, trainer.args):
             # resumed at its last step, the Trainer would take one step more (it checks max_steps only after a
             # step): the run is done, and its final weights are the checkpoint's, loaded as the Trainer loads them
