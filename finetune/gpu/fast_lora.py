@@ -5,7 +5,7 @@ PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters i
 - does the adapter math in the activation dtype (bf16; fp32 master weights, as autocast would);
 - applies LoRA dropout as PEFT does (a mask of its own per projection, 1/(1-p) folded into A), keeping no mask:
   it draws a seed from torch's CPU generator (which checkpointing and resume restore) and draws the mask again
-  from that seed in the backward;
+  from that seed in the backward (`seeded_dropout`: one Triton pass on CUDA);
 - adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue), and in the backward adds the
   adapter's input gradient the same way (dx = addmm(dxa @ A, grad, W)): no separate bf16 add passes;
 - dequantises the GPTQ weight again in the backward rather than keeping it (as GPTQLinear does).
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gptq.layer import GPTQLinear, dequantizer
+from .seeded_dropout import drop
 
 
 def speed_up_lora(model: torch.nn.Module) -> dict[str, int]:
@@ -84,19 +85,9 @@ def draw_seed() -> int:
     return int(torch.randint(2 ** 62, (1,)).item())
 
 
-_generators: dict[torch.device, torch.Generator] = {}
-
-
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """0/1 in like's dtype and shape, 1 with probability 1 - p; the same for the same seed, shape and device."""
-    generator = _generators.setdefault(like.device, torch.Generator(like.device))
-    return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(
-        1 - p, generator=generator.manual_seed(seed))
-
-
 def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     """x with the mask applied (the 1/(1-p) is in A), or x itself."""
-    return x if dropout is None else x * dropout_mask(x, *dropout)
+    return x if dropout is None else drop(x, *dropout)
 
 
 def lean_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -154,10 +145,8 @@ class _LoraGPTQ(torch.autograd.Function):
         if any(ctx.dropouts):
             grad_x, grad_as = 0, []
             for grad_xa, a, dropout in zip(grad_xas, a_s, ctx.dropouts):
-                mask = None if dropout is None else dropout_mask(flat, *dropout)
-                grad_x = grad_x + (grad_xa @ a if mask is None else (grad_xa @ a) * mask)
-                grad_as.append(grad_xa.t() @ (flat if mask is None else flat * mask))
-                del mask
+                grad_x = grad_x + dropped(grad_xa @ a, dropout)  # the forward's mask, drawn again
+                grad_as.append(grad_xa.t() @ dropped(flat, dropout))
         else:
             grad_xa = torch.cat(grad_xas, dim=1)
             grad_x = grad_xa @ torch.cat(a_s)
@@ -189,10 +178,9 @@ class _SwiGLULoraA(torch.autograd.Function):
             del act
             grad_act = torch.addmm(flat_grad_act, flat_grad_act_a, a)
         else:
-            mask = dropout_mask(act, *ctx.dropout)
-            grad_a = flat_grad_act_a.t() @ (act * mask).reshape(-1, act.shape[-1])
+            grad_a = flat_grad_act_a.t() @ dropped(act, ctx.dropout).reshape(-1, act.shape[-1])
             del act
-            grad_act = flat_grad_act + (flat_grad_act_a @ a) * mask.reshape(flat_grad_act.shape)
+            grad_act = flat_grad_act + dropped(flat_grad_act_a @ a, ctx.dropout)  # same elements: same mask
         return *swiglu_backward(gate, up, grad_act.view_as(gate)), grad_a, None
 
 

@@ -2,6 +2,13 @@
 and the whole path against the CPU on a GPU (skipped without one; bench.train_speed times it there)."""
 
 import functools
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +20,7 @@ from finetune.gptq.format import GPTQConfig
 from finetune.gptq.loader import load_model
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
-from finetune.gpu.fast_lora import draw_seed, dropout_mask, speed_up_lora
+from finetune.gpu.fast_lora import draw_seed, speed_up_lora
 from finetune.gpu.fast_training import (
     RecomputePlan,
     apply_plan,
@@ -22,10 +29,12 @@ from finetune.gpu.fast_training import (
     plan_recompute,
 )
 from finetune.gpu.host_offload import PinnedArena
+from finetune.gpu.seeded_dropout import dropout_mask
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)
 MIB = 2 ** 20
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +44,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def lora_model(checkpoint, device="cpu", dropout=0.0):
+def lora_model(checkpoint, device="cpu", dropout=0.0, dtype=None):
     torch.manual_seed(0)  # same LoRA A init in every model
-    model = get_peft_model(load_model(checkpoint, device=device),
+    model = get_peft_model(load_model(checkpoint, device=device, dtype=dtype),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"]))
@@ -93,12 +102,14 @@ class SameMaskDropout(torch.nn.Dropout):
         return x * dropout_mask(x, self.p, draw_seed()) / (1 - self.p) if self.training else x
 
 
-def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpoint):
-    """fp32 on the CPU: PEFT's own LoRA forward and backward, its dropout modules drawing the lean path's masks,
-    against the lean path (which keeps no mask and draws it again in the backward), with every layer kept and with
-    every layer recomputed (the recompute draws its masks once more)."""
-    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
-    reference_model = lora_model(checkpoint, dropout=0.1)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpoint, device):
+    """fp32: PEFT's own LoRA forward and backward, its dropout modules drawing the lean path's masks, against the
+    lean path (which keeps no mask and draws it again in the backward: on CUDA with the Triton kernel), with every
+    layer kept and with every layer recomputed (the recompute draws its masks once more)."""
+    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(device)
+    reference_model = lora_model(checkpoint, device, dropout=0.1, dtype=torch.float32)
     for module in reference_model.modules():
         if hasattr(module, "lora_dropout"):
             module.lora_dropout["default"] = SameMaskDropout(0.1)
@@ -107,7 +118,7 @@ def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpo
     no_dropout_loss = loss_and_grads(reference_model.eval(), tokens)[0]
     assert abs(reference_loss - no_dropout_loss) > 1e-3  # the masks change the result
 
-    model = lora_model(checkpoint, dropout=0.1)
+    model = lora_model(checkpoint, device, dropout=0.1, dtype=torch.float32)
     assert speed_up_lora(model) == {"lean": 7 * TINY.num_hidden_layers}
     base = model.get_base_model()
     base.activation_checkpointing_enable()
@@ -118,6 +129,25 @@ def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpo
         assert loss == pytest.approx(reference_loss, rel=1e-6)
         for name, grad in grads.items():
             assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, (keep, name)
+
+
+@pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_dropout_kernel_draws_the_same_mask_for_the_same_seed_in_interpreter():
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch
+        from finetune.gpu.seeded_dropout import drop_triton
+        x = torch.randn(3, 5000)  # not a multiple of the kernel's block
+        out = drop_triton(x, 0.25, 2 ** 40 + 7)
+        mask = drop_triton(torch.ones_like(x), 0.25, 2 ** 40 + 7)
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(out, x * mask)  # the same elements, whatever the values
+        assert torch.equal(drop_triton(x.t().contiguous().t(), 0.25, 2 ** 40 + 7), out)  # by element, not by layout
+        other = drop_triton(torch.ones_like(x), 0.25, 2 ** 40 + 8)
+        print(round(mask.mean().item(), 2), (mask != other).float().mean().item() > 0.2)
+        """)], env=os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0.75", "True"]  # keeps 1 - p; another seed, another mask
 
 
 def test_lora_the_lean_path_cannot_take_is_counted_with_its_reason(checkpoint):
@@ -167,7 +197,7 @@ def test_plan_keeps_activations_on_the_host_as_the_link_and_pinned_memory_allow(
     modes = [plan.mode(i, 80) for i in range(80)]
     assert modes.count("host") == plan.host and modes.count("keep") == plan.keep
     # spread: between two host layers another computes while the link carries one
-    assert all(not (a == b == "host") for a, b in zip(modes, modes[1:])) and modes[-plan.keep - 1] == "host"
+    assert all(not (a == b == "host") for a, b in itertools.pairwise(modes)) and modes[-plan.keep - 1] == "host"
     # pinned memory for 10 layers only; none when it cannot hold one layer or the link carries nothing
     assert plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free, 8000 * MIB, 0.5).host == 10
     for host_bytes, share in ((700 * MIB, 0.5), (64 * 1024 * MIB, 0.0)):
