@@ -51,6 +51,7 @@ class RunReport(TrainerCallback):
         self.run_dir, self.data_report, self.title = Path(run_dir), data_report, title
         self.fast_path, self.speed = None, []
         self.last_log = (time.perf_counter(), 0)  # (when, tokens so far) at the previous log
+        self.tokens = None  # TRL's token count, from whichever log carried it last
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -58,8 +59,11 @@ class RunReport(TrainerCallback):
         self.last_log = (time.perf_counter(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if "loss" in (logs or {}):  # a training step's log (the loss .item() has waited for the GPU)
-            self.speed.append(self.step_speed(state.global_step, logs.get("num_tokens")))
+        logs = logs or {}
+        # TRL adds its step metrics to the next log of any kind: an eval.during_training log can take num_tokens
+        self.tokens = logs.get("num_tokens", self.tokens)
+        if "loss" in logs:  # a training step's log (the loss .item() has waited for the GPU)
+            self.speed.append(self.step_speed(state.global_step, self.tokens))
         if state.is_world_process_zero:
             self.write(state.log_history)
 

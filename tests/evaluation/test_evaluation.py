@@ -253,6 +253,8 @@ def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
     assert [e["step"] for e in metrics["loss"]] == [1, 2]
     assert [(e["step"], e["eval/pubmedqa_smoke_accuracy"]) for e in metrics["eval"]] == [(2, logged[2])]
     assert set(metrics["eval"][0]) == {"step", "epoch", "eval/pubmedqa_smoke_accuracy"}
+    # the evaluated step's tokens/s too (TRL hands its token count to the eval's log, which comes first)
+    assert [e["step"] for e in metrics["speed"] if e["tokens_per_s"] > 0] == [1, 2]
 
 
 def test_adapter_of_another_base_is_refused_before_loading(smoke_run, tmp_path):
