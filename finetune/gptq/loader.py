@@ -8,6 +8,7 @@ the safetensors straight onto the target device, shard by shard.
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import init_empty_weights
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .format import GPTQConfig, GPTQFormatError, default_g_idx, expected_shapes, read_gptq_config
-from .layer import GPTQLinear
+from .layer import PACKED_TENSORS, GPTQLinear
 
 # Files worth fetching from a Hub repo before its weights: enough to validate and describe it.
 METADATA_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.md"]
@@ -138,12 +139,13 @@ def build_skeleton(model_dir: Path, gptq_config: GPTQConfig, shapes: dict[str, t
 
 
 def load_model(source: str | Path, revision: str | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> torch.nn.Module:
+               dtype: torch.dtype | None = None, defer_packed: bool = False) -> torch.nn.Module:
     """Load a GPTQ causal LM with the project's trainable GPTQ layers.
 
     source: Hub repo id (downloaded at `revision`) or local directory. device: default this process's
     accelerator, else CPU. dtype: compute dtype of activations and unquantised weights; default bf16 on GPU,
-    fp32 on CPU."""
+    fp32 on CPU. defer_packed: leave the GPTQ packed tensors unread (see `defer`): a sharded run reads each rank's
+    rows of them after sharding (`read_rows`). `model.gptq_bytes_read` counts the tensor bytes read."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_dir = resolve_source(source, revision, weights=False)
@@ -152,7 +154,7 @@ def load_model(source: str | Path, revision: str | None = None, device: str | to
         model_dir = resolve_source(source, revision, weights=True)
     files = weight_files(model_dir)
     model = build_skeleton(model_dir, gptq_config, tensor_shapes(files), device, dtype)
-    _load_tensors(model, files, device, dtype)
+    model.gptq_bytes_read = _load_tensors(model, files, device, dtype, defer_packed)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
@@ -166,19 +168,52 @@ def load_model(source: str | Path, revision: str | None = None, device: str | to
     return model
 
 
-def _load_tensors(model: torch.nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
+def _load_tensors(model: torch.nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype,
+                  defer_packed: bool = False) -> int:
     """Read each shard straight to `device`; float tensors take `dtype`, except GPTQ scales (kept fp16,
-    the dequantisation rounds once to the compute dtype)."""
+    the dequantisation rounds once to the compute dtype). With defer_packed, GPTQ packed tensors are left to
+    `defer`. Returns the bytes read."""
     from tqdm.auto import tqdm
     expected = set(model.state_dict())
+    packed = {f"{name}.{tensor}": (module, tensor) for name, module in model.named_modules()
+              if isinstance(module, GPTQLinear) for tensor in PACKED_TENSORS} if defer_packed else {}
+    read = 0
     for file in tqdm(files, desc="loading shards", disable=len(files) < 2):
         state = {}
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if key not in expected:
                     continue  # e.g. rotary inv_freq saved by old writers
+                if key in packed:
+                    defer(*packed[key], PackedSource(file, key, tuple(f.get_slice(key).get_shape())), device)
+                    continue
                 tensor = f.get_tensor(key)
+                read += tensor.numel() * tensor.element_size()
                 if tensor.is_floating_point() and not key.endswith(".scales"):
                     tensor = tensor.to(dtype)
                 state[key] = tensor
         model.load_state_dict(state, strict=False, assign=True)
+    return read
+
+
+class PackedSource(NamedTuple):
+    """Where a GPTQ packed tensor lies: its safetensors file, key and (whole) shape."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+
+def defer(layer: GPTQLinear, name: str, source: PackedSource, device: torch.device) -> None:
+    """Leave `layer.<name>` unread: a placeholder of its shape and dtype that holds no memory (one element, expanded),
+    on `device` so that PEFT puts the LoRA weights beside it; `layer.packed_sources[name]` says where to read it.
+    The placeholder is never computed with: a sharded run swaps it for the rows its rank reads (`read_rows`)."""
+    dtype = layer._parameters[name].dtype
+    setattr(layer, name, torch.zeros((), dtype=dtype, device=device).expand(source.shape))
+    layer.__dict__.setdefault("packed_sources", {})[name] = source
+
+
+def read_rows(opened, source: PackedSource, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a packed tensor, read from its file (`opened`: `open_safetensors(source.file)`) alone:
+    safetensors maps the file and copies just those rows' bytes."""
+    return opened.get_slice(source.key)[start:stop]

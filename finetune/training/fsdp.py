@@ -5,10 +5,15 @@
 accelerate's FSDP2 plugin (`fsdp_version: 2`) does the sharding: each decoder layer, its LoRA inside, becomes one
 `fully_shard` unit; GPTQLinear's packed tensors are frozen parameters, so each GPU keeps its slice of them and
 gathers a layer only while it computes. Only the adapters have gradients, so only they are reduce-scattered.
-Every rank reads the checkpoint into host memory and `fully_shard` moves each layer's slice to its GPU, so no GPU
-ever holds the whole model (the host does, once per rank, until sharding frees it).
+Loading streams: the model is sharded before any packed tensor is read (`shard_model`), then each rank reads only
+the rows of its slices from the safetensors files, straight to its GPU; no rank holds the whole model in host or GPU
+memory (each reads the dense weights whole: embeddings, norms, output layer, ~1 GB at 70B).
 
-Here: the checks that the launch's FSDP settings can shard a GPTQ model (before any weight is read), and the
+Checkpoints (`fsdp_state_dict_type: SHARDED_STATE_DICT`) hold each rank's shard of the adapter and optimiser state,
+not the GPTQ weights; `resume=true` reads them back into the sharded model. The adapter is saved gathered, in PEFT's
+format, as on one GPU.
+
+Here also: the checks that the launch's FSDP settings can shard a GPTQ model (before any weight is read), and the
 mixed-precision policy that keeps the weights in their stored dtypes.
 """
 
@@ -53,7 +58,7 @@ def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin, fast_path: bool) ->
         raise RecipeError(f"fsdp_offload_params: true is not supported for GPTQ models yet; set it to false ({FIX})")
     if plugin.cpu_ram_efficient_loading:
         raise RecipeError("fsdp_cpu_ram_efficient_loading: true broadcasts rank 0's whole model; set it to false: "
-                          f"every rank reads the checkpoint and keeps only its shard on the GPU ({FIX})")
+                          f"each rank reads only its shard of the checkpoint, straight to its GPU ({FIX})")
     if fast_path and PartialState().device.type == "cuda":
         raise RecipeError("gpu.fast_path=true plans recompute for whole layers on one GPU and does not run under "
                           "FSDP2 yet; pass gpu.fast_path=false")
@@ -84,6 +89,83 @@ def prepare_gptq_for_sharding(model: torch.nn.Module) -> None:
             module.hold_ints_as_floats()
 
 
+def shard_rows(rows: int, ranks: int, rank: int) -> tuple[int, int]:
+    """The rows [start, stop) that `fully_shard` keeps on `rank` of a tensor of `rows` rows: torch.chunk's split
+    along dim 0 (ceil(rows / ranks) each, the last ones shorter or empty), as FSDP2 cuts Shard(0)."""
+    size = -(-rows // ranks)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def shard_model(accelerator, model: torch.nn.Module) -> int:
+    """Shard `model` (PEFT applied) with accelerate's own FSDP2 preparation, reading each rank's rows of the GPTQ
+    packed tensors from the checkpoint straight into its shard. Returns the bytes this rank read.
+
+    The model comes from `load_model(..., defer_packed=True)`: its packed tensors are placeholders that hold no
+    memory. They go to the meta device, `fully_shard` cuts every parameter into its ranks' slices (the meta ones stay
+    meta), and each rank then reads the rows of its slices alone (`loader.read_rows`) onto its device. Dense weights
+    (embeddings, norms, output layer) and LoRA are real from the start and sharded as usual. Sharded in place:
+    `Accelerator.prepare` finds an FSDP module and leaves it as it is."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from ..gptq.layer import GPTQLinear
+    prepare_gptq_for_sharding(model)
+    keep_stored_dtypes(accelerator.state.fsdp_plugin)
+    deferred = {module: module.__dict__.get("packed_sources", {}) for module in model.modules()
+                if isinstance(module, GPTQLinear)}
+    for module, sources in deferred.items():
+        for name in sources:
+            placeholder = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(
+                torch.empty(placeholder.shape, dtype=placeholder.dtype, device="meta"), requires_grad=False)
+    if fsdp2_prepare_model(accelerator, model) is not model:
+        raise RuntimeError("accelerate's fsdp2_prepare_model returned another model than it was given; this "
+                           "accelerate version shards differently: see finetune/training/fsdp.py")
+    return _read_packed_shards(deferred, accelerator.device)
+
+
+def _read_packed_shards(deferred: dict, device: torch.device) -> int:
+    """Fill every GPTQLinear's meta shards with its rank's rows from the checkpoint; the bytes read."""
+    from contextlib import ExitStack
+
+    from torch.distributed.tensor import DTensor
+
+    from ..gptq.loader import open_safetensors, read_rows
+    read = 0
+    with ExitStack() as files:
+        opened = {}
+        for module, sources in deferred.items():
+            state = {}
+            for name, source in sources.items():
+                shard = module._parameters[name]
+                if not isinstance(shard, DTensor):
+                    raise RecipeError(f"{source.key} was not sharded by fully_shard (its decoder layer is not an FSDP "
+                                      f"unit); check fsdp_auto_wrap_policy ({FIX})")
+                mesh = shard.device_mesh
+                start, stop = shard_rows(shard.shape[0], mesh.size(), mesh.get_local_rank())
+                if (stop - start, *shard.shape[1:]) != tuple(shard.to_local().shape):
+                    raise RuntimeError(f"{source.key}: fully_shard keeps {tuple(shard.to_local().shape)} on this rank, "
+                                       f"not rows {start}:{stop} of {tuple(shard.shape)}; this torch splits "
+                                       "Shard(0) differently from torch.chunk")
+                if source.file not in opened:
+                    opened[source.file] = files.enter_context(open_safetensors(source.file))
+                rows = read_rows(opened[source.file], source, start, stop)
+                read += rows.numel() * rows.element_size()
+                local = rows.view(shard.dtype).to(device)  # integers as the float bits the layer holds them in
+                state[name] = DTensor.from_local(local, mesh, shard.placements, run_check=False, shape=shard.shape,
+                                                 stride=shard.stride())
+            # load_state_dict(assign=True) is how FSDP2 takes new shards: its hook re-pads them and re-points its
+            # parameter at each; it looks the parameter up by name, which must give the float tensor itself
+            held = module.__dict__.pop("int_dtypes", None)
+            try:
+                module.load_state_dict(state, strict=False, assign=True)
+            finally:
+                if held is not None:
+                    module.int_dtypes = held
+            module.__dict__.pop("packed_sources", None)
+    return read
+
+
 def keep_stored_dtypes(plugin: FullyShardedDataParallelPlugin) -> None:
     """Gather every weight in the dtype it is stored in, gradients reduced in fp32: the default policy would cast
     the fp16 GPTQ scales to bf16 (a rounding one GPU never makes) and the integers held as floats (garbage)."""
@@ -99,6 +181,30 @@ def check_sharded_memory(cfg, source, gpus: int) -> None:
     from ..gptq.checkpoint_info import describe_checkpoint
     info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus)
     check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length)
+
+
+def gather_head_with_backbone(model: torch.nn.Module) -> None:
+    """TRL's loss reads the output layer's weight straight after the backbone instead of calling the layer, so FSDP2
+    never gathers it: the weight is still this rank's shard (a DTensor), which PEFT's added-token rows cannot be
+    merged into (mixed Tensor and DTensor). Gather the output layer's unit as the backbone finishes: its weight reads
+    whole, the added rows' gradients are reduce-scattered at the end of backward like every other unit's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def gather(module, args, output):
+        head = model.get_output_embeddings()
+        if isinstance(head, FSDPModule):
+            head.unshard()
+        return output
+
+    model.get_base_model().base_model.register_forward_hook(gather)
+
+
+def load_sharded_adapter(trainer, checkpoint) -> None:
+    """The adapter of a sharded checkpoint (what the Trainer writes under accelerate_fsdp.yaml: each rank its shard,
+    no PEFT files) into the sharded model, as the Trainer reads it when it resumes. A collective."""
+    from accelerate.utils import load_fsdp_model
+    load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model, str(checkpoint),
+                    adapter_only=True)
 
 
 def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

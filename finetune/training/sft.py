@@ -200,8 +200,10 @@ def load_model_and_tokenizer(prepared: Prepared):
     cfg = prepared.cfg
     tokenizer = AutoTokenizer.from_pretrained(prepared.model_dir)
     added_ids = chatml.prepare_tokenizer(tokenizer)
-    # sharded: read to host memory; accelerate's fully_shard moves each layer's slice to this process's GPU
-    on_host = {"device": "cpu", "dtype": torch.bfloat16 if PartialState().device.type == "cuda" else None}
+    # sharded: dense weights read to host memory, the GPTQ packed tensors left for fsdp.shard_model to read each
+    # rank's rows of, straight to its GPU
+    on_host = {"device": "cpu", "dtype": torch.bfloat16 if PartialState().device.type == "cuda" else None,
+               "defer_packed": True}
     model = load_model(prepared.model_source, revision=cfg.model.revision, **(on_host if prepared.fsdp else {}))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         set_seed(cfg.seed)  # the new rows start from a seeded draw around the mean embedding
@@ -235,10 +237,10 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     model, tokenizer, added_ids = load_model_and_tokenizer(prepared)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
                          peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
-    if prepared.fsdp is not None:  # accelerate shards the model when training starts
-        fsdp.prepare_gptq_for_sharding(trainer.model)
-        fsdp.keep_stored_dtypes(trainer.accelerator.state.fsdp_plugin)
+    if prepared.fsdp is not None:  # sharded now, each rank reading its own rows; accelerate's prepare keeps it so
         fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
+        fsdp.shard_model(trainer.accelerator, trainer.model)
+        fsdp.gather_head_with_backbone(trainer.model)
     if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
@@ -295,7 +297,10 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
         if prepared.resume_from is not None and is_final_checkpoint(prepared.resume_from, trainer.args):
             # resumed at its last step, the Trainer would take one step more (it checks max_steps only after a
             # step): the run is done, and its final weights are the checkpoint's, loaded as the Trainer loads them
-            trainer.model.load_adapter(str(prepared.resume_from), trainer.model.active_adapter, is_trainable=True)
+            if prepared.fsdp is not None:  # a sharded checkpoint: each rank reads its shard of the adapter
+                fsdp.load_sharded_adapter(trainer, prepared.resume_from)
+            else:
+                trainer.model.load_adapter(str(prepared.resume_from), trainer.model.active_adapter, is_trainable=True)
         else:
             trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
         save_adapter(trainer, run_dir)

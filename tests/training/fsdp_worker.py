@@ -1,39 +1,44 @@
 """One training step of a LoRA model on a tiny random GPTQ checkpoint, on the CPU, for tests/training/test_fsdp.py:
 
     python tests/training/fsdp_worker.py CHECKPOINT OUT                                  # one process, no FSDP
-    python -m torch.distributed.run --nproc-per-node 2 tests/training/fsdp_worker.py CHECKPOINT OUT --fsdp
+    python -m torch.distributed.run --nproc-per-node 2 tests/training/fsdp_worker.py CHECKPOINT OUT --fsdp [--resume]
 
-With --fsdp the model is sharded by accelerate's own FSDP2 preparation (`fsdp2_prepare_model`, what
-`Accelerator.prepare` runs under accelerate_fsdp.yaml on GPUs; accelerate does not select FSDP on the CPU, so it
-is called directly, with the plugin that config describes) over gloo. The batch is two rows of equal length: one
+With --fsdp the model is loaded without its GPTQ packed tensors and sharded as train.py shards it under
+accelerate_fsdp.yaml (`fsdp.shard_model`: accelerate's own FSDP2 preparation, then each rank reads its rows of the
+packed tensors; accelerate does not select FSDP on the CPU, so it is called directly, with the plugin that config
+describes) over gloo. The batch is two rows of equal length: one
 process trains on both, each of two ranks on its own row, so the ranks' mean loss and averaged (reduce-scattered)
 gradient are the one-process ones up to fp32 rounding. Writes OUT/results-<rank>.pt (loss, LoRA gradients, the local and
-global shape of every packed tensor) and OUT/adapter (rank 0, PEFT format).
+global shape of every packed tensor, the tensor bytes this rank read from the checkpoint) and OUT/adapter (rank 0,
+PEFT format).
+
+--resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
+OUT/whole trains 2 steps; OUT/cut, its directory as
+after step 1 (killed after the step-1 checkpoint), resumes to step 2; OUT/whole, its adapter removed as by a kill after
+the last checkpoint, is resumed and saves it again (OUT/whole-adapter keeps the first one).
 """
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin
-from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import load_model
-from finetune.training.fsdp import (
-    full_adapter_state,
-    keep_stored_dtypes,
-    prepare_gptq_for_sharding,
-)
+from finetune.training.fsdp import full_adapter_state, shard_model
 
 
-def lora_model(checkpoint: str) -> torch.nn.Module:
+def lora_model(checkpoint: str, sharded: bool) -> torch.nn.Module:
     torch.manual_seed(0)  # the same adapter on every rank and in the one-process run
-    model = get_peft_model(load_model(checkpoint, device="cpu"),
+    model = get_peft_model(load_model(checkpoint, device="cpu", defer_packed=sharded),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"]))
@@ -48,14 +53,13 @@ def lora_model(checkpoint: str) -> torch.nn.Module:
 def main(checkpoint: str, out: str, sharded: bool) -> None:
     out = Path(out)
     accelerator = Accelerator(cpu=True)  # under torchrun: gloo process group of WORLD_SIZE ranks
-    model = lora_model(checkpoint)
+    model = lora_model(checkpoint, sharded)
+    bytes_read = {"dense": model.get_base_model().gptq_bytes_read}
     if sharded:
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
-        prepare_gptq_for_sharding(model)
-        keep_stored_dtypes(plugin)
-        accelerator.state.fsdp_plugin = plugin
-        model = fsdp2_prepare_model(accelerator, model)
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            state_dict_type="SHARDED_STATE_DICT")
+        bytes_read["packed"] = shard_model(accelerator, model)
     # FSDP units: each decoder layer (LoRA inside), the embedding, the output tail, the root
     units = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
     shapes = {name: (tuple(p.to_local().shape), tuple(p.shape)) for name, p in model.named_parameters()
@@ -75,11 +79,56 @@ def main(checkpoint: str, out: str, sharded: bool) -> None:
     if accelerator.is_main_process:
         model.save_pretrained(out / "adapter", state_dict=state)
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean") if sharded else loss.detach()
-    torch.save({"loss": mean_loss.item(), "grads": grads, "shapes": shapes, "units": units},
+    torch.save({"loss": mean_loss.item(), "grads": grads, "shapes": shapes, "units": units, "bytes_read": bytes_read},
                out / f"results-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+
+def select_fsdp_on_cpu() -> None:
+    """accelerate_fsdp.yaml's settings as `accelerate launch` passes them, and FSDP2 selected on the CPU as accelerate
+    selects it on GPUs (it picks plain multi-CPU there)."""
+    os.environ.update({"ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                       "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
+                       "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"})
+    init = AcceleratorState.__init__
+
+    def init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init_fsdp_on_cpu
+
+
+def train_and_resume(checkpoint: str, out: str) -> None:
+    from finetune.config.recipe import compose_recipe
+    from finetune.training import sft
+
+    def run(name: str, *overrides: str):
+        sft.train(compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={out}/{name}", "train.max_steps=2",
+                                           "train.save_steps=1", "train.max_length=256", "train.learning_rate=1e-2",
+                                           "lora.dropout=0.1", "train.activation_checkpointing=true", *overrides]))
+
+    def on_main_process(work):
+        state = PartialState()
+        if state.is_main_process:
+            work()
+        state.wait_for_everyone()
+
+    run("whole")
+    # killed after its step-1 checkpoint: the run directory as it was then
+    on_main_process(lambda: shutil.copytree(f"{out}/whole", f"{out}/cut", ignore=shutil.ignore_patterns(
+        "checkpoint-2", "adapter", "loss_curve.png", "metrics.json")))
+    run("cut", "resume=true")
+    # killed after its last checkpoint, before the adapter was saved
+    on_main_process(lambda: os.replace(f"{out}/whole/adapter", f"{out}/whole-adapter"))
+    run("whole", "resume=true")
 
 
 if __name__ == "__main__":
+    if "--resume" in sys.argv[3:]:
+        select_fsdp_on_cpu()
     main(sys.argv[1], sys.argv[2], "--fsdp" in sys.argv[3:])
+    if "--resume" in sys.argv[3:]:  # in the same processes: the imports and the process group once
+        train_and_resume(sys.argv[1], sys.argv[2])
+    PartialState().destroy_process_group()

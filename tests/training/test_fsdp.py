@@ -9,36 +9,46 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
+from gptq_fixtures import llama_style_tokenizer
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from finetune.config.recipe import RecipeError, compose_recipe
 from finetune.gptq.format import GPTQConfig
+from finetune.gptq.layer import PACKED_TENSORS
+from finetune.gptq.loader import weight_files
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.training import sft
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "fsdp_worker.py"
+# Meditron-like: a Llama-2-style tokenizer without ChatML's tokens (train.py adds them, and trains their rows of the
+# embedding and of the untied output layer)
+TOKENIZER = llama_style_tokenizer()
 # down_proj's 160 inputs make 5 groups of 32: an uneven split (3 + 2 rows) as well as even ones
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=128)
+                   num_key_value_heads=2, vocab_size=len(TOKENIZER), tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gptq-fsdp")
     write_random_gptq_checkpoint(path, TINY, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    TOKENIZER.save_pretrained(path)
     return path
 
 
-def test_two_ranks_train_as_one_process(checkpoint, tmp_path):
+def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
+    """One step of the same batch (split between the ranks) sharded and not; then train.py's own run sharded, cut
+    and resumed (same processes: the imports and the process group paid once)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(one)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-port", "29571", str(WORKER), str(checkpoint), str(two), "--fsdp"],
+                              "--master-port", "29571", str(WORKER), str(checkpoint), str(two), "--fsdp", "--resume"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     for run in runs:
         output = run.communicate(timeout=300)[0]
@@ -57,6 +67,17 @@ def test_two_ranks_train_as_one_process(checkpoint, tmp_path):
     for name, (local, full) in ranks[0]["shapes"].items():
         rows = -(-full[0] // 2)
         assert local == (rows, *full[1:]) and ranks[1]["shapes"][name][0] == (full[0] - rows, *full[1:]), name
+    # each rank read its own rows of the packed tensors from the checkpoint, nothing more (about half of them),
+    # and the dense tensors whole; the one process read everything
+    packed_bytes = {name: t.numel() * t.element_size() for file in weight_files(checkpoint)
+                    for name, t in load_file(file).items() if name.rsplit(".", 1)[-1] in PACKED_TENSORS}
+    assert len(packed_bytes) == 4 * 7 * TINY.num_hidden_layers
+    for rank in ranks:
+        own = sum(packed_bytes[name.removeprefix("base_model.model.").replace(".base_layer", "")] * local[0] // full[0]
+                  for name, (local, full) in rank["shapes"].items())
+        assert rank["bytes_read"]["packed"] == own < 0.55 * sum(packed_bytes.values())
+        assert rank["bytes_read"]["dense"] == single["bytes_read"]["dense"] - sum(packed_bytes.values())
+    assert sum(rank["bytes_read"]["packed"] for rank in ranks) == sum(packed_bytes.values())
     # the adapter after the same optimiser step, saved in PEFT's format as one process saves it
     single_adapter, sharded_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
     assert sharded_adapter.keys() == single_adapter.keys() and len(single_adapter) == 2 * 7 * TINY.num_hidden_layers
@@ -66,6 +87,24 @@ def test_two_ranks_train_as_one_process(checkpoint, tmp_path):
     for config in configs:
         config["target_modules"] = sorted(config["target_modules"])  # a set: its order varies between processes
     assert configs[0] == configs[1]
+    # train.py sharded: its checkpoints hold each rank's shard of the adapter and optimiser state (not the GPTQ
+    # weights); resumed from step 1, and resumed after its last checkpoint with its adapter lost, it saves the adapter
+    # of the run that was not stopped, bit for bit
+    checkpoint_1 = two / "cut" / "checkpoints" / "checkpoint-1"
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in checkpoint_1.iterdir()}
+    saved = torch.distributed.checkpoint.FileSystemReader(checkpoint_1 / "pytorch_model_fsdp_0").read_metadata()
+    assert not [key for key in saved.state_dict_metadata if key.rsplit(".", 1)[-1] in PACKED_TENSORS]
+    assert len([key for key in saved.state_dict_metadata if "lora_" in key]) == 2 * 7 * TINY.num_hidden_layers
+    losses = [json.loads((two / run / "metrics.json").read_text())["loss"] for run in ("whole", "cut")]
+    assert [entry["step"] for entry in losses[1]] == [1, 2] and losses[1] == losses[0]
+    whole = load_file(two / "whole-adapter" / "adapter_model.safetensors")
+    assert any("trainable_tokens_delta" in name for name in whole)
+    for resumed in ("cut", "whole"):
+        adapter = load_file(two / resumed / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == whole.keys()
+        for name, tensor in whole.items():
+            assert torch.equal(adapter[name], tensor), (resumed, name)
 
 
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
