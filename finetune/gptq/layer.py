@@ -12,9 +12,7 @@ during forward and backward. DDP all-reduces only parameters that need a gradien
 Dequantisation goes through `dequantizer(device)`: the one seam where GPU kernels plug in. The plain-torch
 reference in `format.dequantize` serves the CPU and defines the exact result every kernel must match. On a GPU,
 a forward of at most FUSED_MAX_TOKENS[bits] tokens (decoding) skips the dense weight altogether: the fused
-kernel (`triton_gemv`) multiplies straight from the packed tensors, with the same weight values. Its first call
-reorders the layer's packed rows in place (`triton_gemv.prepare`; `stored_rows` records where each row came from):
-every dequantisation puts them back, and state_dict gives the checkpoint's layout.
+kernel (`triton_gemv`) multiplies straight from the packed tensors, with the same weight values.
 """
 
 import torch
@@ -26,11 +24,10 @@ from .format import GPTQConfig
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # frozen parameters, so that FSDP2 shards them
 BITS_AS_FLOAT = {torch.int32: torch.float32, torch.int64: torch.float64}  # same width: a view, not a copy
 # Per bit width, the token count up to which a CUDA forward multiplies from the packed weights (triton_gemv) instead
-# of dequantising for cuBLAS, at Llama-2-70B shapes on an H100 (BENCHMARKS.md). The first kernel was faster at 1-64
-# tokens for 4-bit, at 1 for 3-bit; the decode layout takes 3-bit values at the same cost per weight as 4-bit, so
-# both go to 64 (to be confirmed: .t16/gpu.sh times fused against dequantise at 1-64 tokens). 2- and 8-bit are not
-# measured (no Meditron branch has them), so they keep the dequantise path.
-FUSED_MAX_TOKENS = {4: 64, 3: 64}
+# of dequantising for cuBLAS: the largest count measured faster at Llama-2-70B shapes on an H100 (BENCHMARKS.md:
+# 4-bit faster at 1-64 tokens, slower at 128; 3-bit faster at 1, slower at 64). 2- and 8-bit are not measured
+# (no Meditron branch has them), so they keep the dequantise path.
+FUSED_MAX_TOKENS = {4: 64, 3: 1}
 
 
 def dequantizer(device: torch.device):
@@ -42,10 +39,8 @@ def dequantizer(device: torch.device):
 
 
 def reference_dequantize(layer: "GPTQLinear", dtype: torch.dtype) -> torch.Tensor:
-    weight = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                    layer.checkpoint_format, dtype)
-    stored_rows = getattr(layer, "stored_rows", None)  # decode layout: column i is checkpoint row stored_rows[i]
-    return weight if stored_rows is None else torch.empty_like(weight).index_copy_(1, stored_rows.long(), weight)
+    return gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                  layer.checkpoint_format, dtype)
 
 
 class _GPTQMatmul(torch.autograd.Function):
@@ -53,9 +48,8 @@ class _GPTQMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: "GPTQLinear") -> torch.Tensor:
         ctx.layer = layer  # the module, not a tensor: nothing is saved for backward
         if x.device.type == "cuda" and x.numel() <= FUSED_MAX_TOKENS.get(layer.bits, 0) * layer.in_features:
-            from . import triton_gemv
-            if triton_gemv.prepare(layer):  # False where the layer cannot take the decode layout
-                return triton_gemv.fused_matmul(x, layer)
+            from .triton_gemv import fused_matmul
+            return fused_matmul(x, layer)
         weight = dequantizer(x.device)(layer, x.dtype)
         return x @ weight.t()
 
@@ -80,9 +74,6 @@ class GPTQLinear(nn.Linear):
         self.scales = torch.zeros(shapes["scales"], dtype=torch.float16, device=device)
         self.g_idx = gptq_format.default_g_idx(in_features, config.group_size, device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        # triton_gemv's decode layout, once made: stored row -> checkpoint row, sorted row -> checkpoint row
-        self.register_buffer("stored_rows", None, persistent=False)
-        self.register_buffer("x_order", None, persistent=False)
         self.register_parameter("weight", None)  # no dense weight; PEFT reads `.weight` of every nn.Linear
 
     def __setattr__(self, name: str, value) -> None:
@@ -108,19 +99,6 @@ class GPTQLinear(nn.Linear):
                 self.int_dtypes[name] = tensor.dtype
                 self._parameters[name] = nn.Parameter(tensor.detach().view(BITS_AS_FLOAT[tensor.dtype]),
                                                       requires_grad=False)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.stored_rows is not None:  # decode layout: save the checkpoint's, which every reader expects
-            from .triton_gemv import checkpoint_layout
-            destination[prefix + "qweight"], destination[prefix + "g_idx"] = checkpoint_layout(self)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.stored_rows is not None and prefix + "qweight" in state_dict:  # checkpoint layout coming in
-            from .triton_gemv import checkpoint_layout
-            self.qweight, self.g_idx = checkpoint_layout(self)  # whole again, should only part of it be loaded
-            self.stored_rows = self.x_order = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _GPTQMatmul.apply(x, self)

@@ -51,11 +51,9 @@ def dequantize_triton(layer, dtype: torch.dtype) -> torch.Tensor:
     in_features, out_features = layer.in_features, layer.out_features
     weight = workspace(layer.qweight.device, dtype, in_features * out_features).view(in_features, out_features)
     grid = (triton.cdiv(in_features, BLOCK_I), triton.cdiv(out_features, BLOCK_O))
-    stored_rows = getattr(layer, "stored_rows", None)  # set by triton_gemv.prepare: stored row -> checkpoint row
     _dequantize_kernel[grid](
-        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.g_idx if stored_rows is None else stored_rows,
-        weight, in_features, out_features, layer.qzeros.shape[1], BITS=layer.bits,
-        ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0, MOVED=stored_rows is not None,
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, weight, in_features, out_features,
+        layer.qzeros.shape[1], BITS=layer.bits, ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0,
         BLOCK_I=BLOCK_I, BLOCK_O=BLOCK_O, num_warps=NUM_WARPS)
     return weight.t()
 
@@ -75,9 +73,9 @@ if triton is not None:
         return (values & ((1 << BITS) - 1)).to(tl.int32)
 
     @triton.jit
-    def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, rows_ptr, out_ptr, in_features,
-                           out_features, zero_words_per_group, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                           MOVED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+    def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, in_features, out_features,
+                           zero_words_per_group, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                           BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # input features
         cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # output features
         row_ok = rows < in_features
@@ -96,6 +94,5 @@ if triton is not None:
 
         scales = tl.load(scales_ptr + groups[:, None] * out_features + cols[None, :], mask=mask, other=0.0)
         weight = (q - zeros).to(tl.float32) * scales.to(tl.float32)  # exact; rounded to fp16 as format.dequantize
-        out_rows = tl.load(rows_ptr + rows, mask=row_ok, other=0) if MOVED else rows  # checkpoint row
-        tl.store(out_ptr + out_rows[:, None] * out_features + cols[None, :],
+        tl.store(out_ptr + rows[:, None] * out_features + cols[None, :],
                  weight.to(tl.float16).to(out_ptr.dtype.element_ty), mask=mask)

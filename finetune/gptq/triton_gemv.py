@@ -4,29 +4,18 @@ Why a second kernel beside `triton_dequant`: decoding multiplies 1-64 tokens, so
 weights, and dequantise-then-cuBLAS reads the packed weights, writes a dense bf16 copy four times their size and
 reads it back. Here each program reads its packed tile once, unpacks and scales it in registers, and multiplies it
 into its accumulator; no dense weight exists anywhere. `layer.FUSED_MAX_TOKENS` holds, per bit width, the token
-count up to which GPTQLinear uses it.
-
-The decode layout (`prepare`, once per layer at its first fused call). Gathering each input row's scale and zero
-point through act-order's shuffled g_idx, and unpacking each row from its own word, made the first version of this
-kernel instruction-bound at ~10 % of the memory bandwidth. So the layer's rows are reordered in place, once:
-  * sorted by group: any 16 consecutive sorted rows share one group (group sizes are multiples of 16), whose
-    scales and zero points are loaded, unpacked and converted once per 16 rows; the activations are permuted to the
-    same order per call (`x_order`: tokens x in_features, nothing next to the weights);
-  * interleaved within tiles of 16 packed blocks (a block: the 32 / bits values of one int32 word, or 32 values in
-    three words at 3 bits): value j of block r holds sorted row 16 j + r. Sub-tile j, 16 consecutive sorted rows,
-    is then one constant shift of the tile's 16 loaded words per column: no per-row word gather, no reshape, and at
-    3 bits the two values that straddle words do so at compile-time positions.
-The packing is format.pack's, of the rows in their new order, and qweight and g_idx keep their shapes: the layout
-replaces the checkpoint's, no second copy. `stored_rows` (stored position -> checkpoint row) lets the dequantise
-kernel and format.dequantize put every row back, so all other callers see the same dense weight; GPTQLinear's
-state_dict gives the checkpoint layout back. Layers it cannot take (in_features not a multiple of the tile, e.g. 3-bit
-with in_features % 512 != 0; a g_idx that is not a shuffled row // group_size; FSDP-sharded) keep the dequant path.
+count up to which GPTQLinear uses it (measured, BENCHMARKS.md).
 
 The values multiplied are the training path's exactly: (1024 + q) - (1024 + zero) is q - zero, exact in fp16, and
 one fp16 multiply by the scale rounds the exact product once, as `format.dequantize` does; that fp16 weight is then
-cast to the activations' dtype. Accumulation is fp32. Few tokens leave few output tiles, so the tiles along
-in_features are split over programs (to fill the SMs); each writes fp32 partial sums, and the last program of an
-output tile (an atomic counter) adds them in split order (deterministic) and writes the output: one launch.
+cast to the activations' dtype. Accumulation is fp32. Act-order needs no repacking and no second copy of the
+weights: each input row's group comes from g_idx, and that group's scale and zero point are gathered per row (a
+program's slice of them stays in L1). Gathering zero points from their packed words costs more than all the rest
+(measured), so each layer keeps them unpacked, one byte per group and output (`unpacked_zeros`: 1/64 of the
+weights' bytes at group 128).
+
+Packing (format.py): 2/4/8-bit rows come 32/bits to an int32 word, so a tile's words are read once and expand
+along a new axis into rows; 3-bit values may straddle two words, so each row reads its own word(s).
 """
 
 import torch
@@ -39,76 +28,22 @@ if triton is not None:
 
     from .triton_dequant import _bits_at
 
-SUB_ROWS = 16  # sorted rows per sub-tile: one tl.dot's K, the least a bf16 tensor-core dot takes
-# Per BLOCK_M (1: multiply and sum on the CUDA cores; 16-64: tl.dot): output columns per program, warps, pipeline
-# stages, and programs per SM wanted (the split along in_features is chosen to launch about that many).
-TILES = {1: (128, 4, 2, 4), 16: (128, 4, 3, 4), 32: (128, 4, 3, 4), 64: (128, 8, 3, 4)}
-_partials: dict[torch.device, torch.Tensor] = {}
-_counters: dict[torch.device, torch.Tensor] = {}
+# Tiles per path (output columns, input rows, warps, pipeline stages), and the fewest programs to launch: the input
+# rows are split until that many run, so that enough loads are in flight. Fastest of those tried at Llama-2-70B
+# shapes, 4-bit g128 act-order, H100 (eval/BENCHMARKS.md).
+ONE_TOKEN_TILE, ONE_TOKEN_MIN_PROGRAMS = (128, 64, 4, 2), 264  # one token: multiply and sum on the CUDA cores
+DOT_TILE, DOT_MIN_PROGRAMS = (64, 64, 4, 4), 528  # 2+ tokens: tl.dot on the tensor cores (16 rows at least)
 
 
-def values_per_block(bits: int) -> int:
-    return 32 // bits if 32 % bits == 0 else 32
-
-
-def tile_rows(bits: int) -> int:
-    """Input rows per tile of the decode layout: 128 at 4 bits, 512 at 3."""
-    return SUB_ROWS * values_per_block(bits)
-
-
-def _can_take(layer) -> bool:
-    tile, group = tile_rows(layer.bits), layer.group_size
-    return (layer.in_features % tile == 0 and not layer.__dict__.get("int_dtypes")  # int_dtypes: held for FSDP2
-            and type(layer.qweight.data) is torch.Tensor  # not a DTensor shard
-            and (group == -1 or group % SUB_ROWS == 0 and (group % tile == 0 or tile % group == 0)))
-
-
-def _stored_rows(g_idx: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(stored position -> checkpoint row, sorted row -> checkpoint row), or None if g_idx is not a permutation of
-    row // group_size."""
-    in_features = g_idx.shape[0]
-    order = torch.sort(g_idx, stable=True).indices
-    if not torch.equal(g_idx[order].long(), gptq_format.default_g_idx(in_features, group_size, g_idx.device).long()):
-        return None
-    values = values_per_block(bits)
-    position = torch.arange(in_features, device=g_idx.device)
-    block, value = position // values, position % values
-    sorted_row = block // SUB_ROWS * SUB_ROWS * values + value * SUB_ROWS + block % SUB_ROWS
-    return order[sorted_row], order
-
-
-def _move_rows(qweight: torch.Tensor, source_rows: torch.Tensor, bits: int) -> None:
-    """In place: row i of the packed weight becomes row source_rows[i], a slab of columns at a time."""
-    in_features = source_rows.shape[0]
-    step = max(1, 2 ** 25 // in_features)
-    for first in range(0, qweight.shape[1], step):
-        values = gptq_format.unpack(qweight[:, first:first + step], bits, in_features)
-        qweight[:, first:first + step] = gptq_format.pack(values[source_rows], bits)
-
-
-def prepare(layer) -> bool:
-    """Whether the fused kernel can multiply this layer; the first call puts the layer into the decode layout."""
-    if getattr(layer, "stored_rows", None) is not None:
-        return True
-    if layer.__dict__.get("_no_decode_layout") or not _can_take(layer):
-        return False
-    with torch.inference_mode(False), torch.no_grad():  # plain tensors: the layer may train afterwards
-        rows = _stored_rows(layer.g_idx, layer.bits, layer.group_size)
-        if rows is None:
-            layer._no_decode_layout = True
-            return False
-        _move_rows(layer.qweight.data, rows[0], layer.bits)
-        layer.g_idx = layer.g_idx[rows[0]]
-        layer.stored_rows, layer.x_order = rows[0].int(), rows[1].int()
-    return True
-
-
-def checkpoint_layout(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's qweight and g_idx in the checkpoint's row order (copies)."""
-    back = torch.argsort(layer.stored_rows.long())  # checkpoint row -> stored position
-    qweight = layer.qweight.detach().clone()
-    _move_rows(qweight, back, layer.bits)
-    return qweight, layer.g_idx.detach()[back]
+def unpacked_zeros(layer) -> torch.Tensor:
+    """The layer's stored zero points [groups, out] as uint8 (v1's minus-one kept), unpacked once and cached on
+    the layer for as long as its qzeros tensor is the same."""
+    key = (layer.qzeros.data_ptr(), layer.qzeros._version)
+    cached = getattr(layer, "_unpacked_zeros", None)
+    if cached is None or cached[0] != key:
+        zeros = gptq_format.unpack(layer.qzeros.t(), layer.bits, layer.out_features).t().to(torch.uint8).contiguous()
+        cached = layer._unpacked_zeros = (key, zeros)
+    return cached[1]
 
 
 def fused_matmul(x: torch.Tensor, layer) -> torch.Tensor:
@@ -116,40 +51,32 @@ def fused_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("Triton is needed to multiply GPTQ weights on a GPU; install it (pip install triton, "
                            "it ships with PyTorch's CUDA wheels)")
-    if not prepare(layer):
-        raise ValueError(f"{layer}: not in a layout the fused kernel reads (see triton_gemv's docstring)")
-    in_features, out_features, device = layer.in_features, layer.out_features, x.device
-    rows = x.reshape(-1, in_features).index_select(1, layer.x_order)  # sorted row order, contiguous
+    in_features, out_features = layer.in_features, layer.out_features
+    rows = x.reshape(-1, in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     tokens = rows.shape[0]
-    block_m = 1 if tokens == 1 else min(64, max(16, triton.next_power_of_2(tokens)))
-    block_n, warps, stages, per_sm = TILES[block_m]
-    column_tiles, token_tiles = triton.cdiv(out_features, block_n), triton.cdiv(tokens, block_m)
-    tiles = in_features // tile_rows(layer.bits)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = max(1, min(tiles, round(per_sm * sms / (column_tiles * token_tiles))))
-    per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, per_split)  # no empty split
-    out = torch.empty((tokens, out_features), device=device, dtype=x.dtype)
-    partials = _buffer(_partials, device, torch.float32, splits * tokens * out_features if splits > 1 else 1)
-    counters = _buffer(_counters, device, torch.int32, column_tiles * token_tiles)
-    group = layer.group_size if layer.group_size != -1 else 1 << 30
-    _decode_kernel[(column_tiles, splits, token_tiles)](
-        rows, layer.qweight, layer.qzeros, layer.scales, partials, counters, out, tokens, in_features,
-        out_features, layer.qzeros.shape[1], per_split, splits, BITS=layer.bits, VALUES=values_per_block(layer.bits),
-        GROUP=group, ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages)
+    if tokens == 1:
+        (block_n, block_k, warps, stages), min_programs, block_m = ONE_TOKEN_TILE, ONE_TOKEN_MIN_PROGRAMS, 1
+    else:
+        (block_n, block_k, warps, stages), min_programs = DOT_TILE, DOT_MIN_PROGRAMS
+        block_m = min(64, max(16, triton.next_power_of_2(tokens)))
+    column_blocks, k_blocks = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k)
+    token_blocks = triton.cdiv(tokens, block_m)
+    split = max(1, min(k_blocks, min_programs // (column_blocks * token_blocks)))
+    blocks_per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, blocks_per_split)  # no empty split
+    # one split writes x's dtype directly; several write fp32 partial sums, added in a fixed order (deterministic)
+    out = torch.empty((split, tokens, out_features), device=x.device,
+                      dtype=x.dtype if split == 1 else torch.float32)
+    _fused_matmul_kernel[(column_blocks, split, token_blocks)](
+        rows, layer.qweight, unpacked_zeros(layer), layer.scales, layer.g_idx, out, tokens, in_features,
+        out_features, rows.stride(0), blocks_per_split * block_k,
+        BITS=layer.bits, ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    out = out[0] if split == 1 else out.sum(0).to(x.dtype)
     return out.reshape(*x.shape[:-1], out_features)
-
-
-def _buffer(cache: dict, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """One buffer per device, grown on demand (zeros: the counters reset themselves after each use). Every use is
-    on the current stream, which orders one call's use before the next's."""
-    buffer = cache.get(device)
-    if buffer is None or buffer.numel() < numel:
-        cache.pop(device, None)
-        buffer = cache[device] = torch.zeros(numel, dtype=dtype, device=device)
-    return buffer
 
 
 if triton is not None:
@@ -160,74 +87,59 @@ if triton is not None:
         conversion: 0x6400 is fp16 1024.0, whose last 10 mantissa bits count ones."""
         return (values | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
-    # token count, split sizes, zero-point words: no recompile per value (in/out_features keep Triton's divisibility
-    # specialisation, which lets the weight loads vectorise)
-    @triton.jit(do_not_specialize=["tokens", "zero_words", "tiles_per_split", "splits"])
-    def _decode_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, part_ptr, count_ptr, out_ptr, tokens,
-                       in_features, out_features, zero_words, tiles_per_split, splits,
-                       BITS: tl.constexpr, VALUES: tl.constexpr, GROUP: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    @triton.jit
+    def _unpack_rows(qweight_ptr, k0, ks, cols, mask, in_features, out_features, BITS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The BITS-bit values of input rows ks = k0 + arange(BLOCK_K) (k0 a multiple of 32) in columns `cols`."""
+        if 32 % BITS == 0:  # each packed word read once, its 32 / BITS rows shifted out along a new axis
+            PER_WORD: tl.constexpr = 32 // BITS
+            words = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            word_mask = (words * PER_WORD < in_features)[:, None] & (cols < out_features)[None, :]
+            packed = tl.load(qweight_ptr + words[:, None] * out_features + cols[None, :], mask=word_mask,
+                             other=0).to(tl.uint32, bitcast=True)
+            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+            values = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            return tl.reshape(values, (BLOCK_K, BLOCK_N)).to(tl.int32)
+        else:  # 3-bit: a row's value sits in word row * 3 // 32 at bit row * 3 % 32, maybe running into the next
+            row_bits = ks * BITS
+            q_words = (row_bits // 32)[:, None] * out_features + cols[None, :]
+            return _bits_at(qweight_ptr, q_words, q_words + out_features, (row_bits % 32)[:, None], mask, BITS)
+
+    @triton.jit
+    def _fused_matmul_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_ptr, tokens, in_features,
+                             out_features, x_row_stride, rows_per_split,
+                             BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
         split = tl.program_id(1)
-        tok = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        first_tok = tl.program_id(2) * BLOCK_M
+        tok = first_tok + tl.arange(0, BLOCK_M)
         col_ok, tok_ok = cols < out_features, tok < tokens
-        sub = tl.arange(0, 16)
-        zero_word, zero_shift = cols * BITS // 32, cols * BITS % 32  # each column's zero point in a group's words
         if BLOCK_M == 1:  # one token: products summed along the rows once, after the loop
-            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        first = split * tiles_per_split
-        for tile in range(first, tl.minimum(first + tiles_per_split, in_features // (16 * VALUES))):
-            # the tile's 16 blocks, each VALUES * BITS / 32 words (1, or 3 at 3 bits): "planes" of 16 words per column
-            words = qweight_ptr + ((tile * 16 + sub) * (VALUES * BITS // 32))[:, None] * out_features + cols[None, :]
-            plane0 = tl.load(words, mask=col_ok[None, :], other=0).to(tl.uint32, bitcast=True)
-            if VALUES * BITS > 32:
-                plane1 = tl.load(words + out_features, mask=col_ok[None, :], other=0).to(tl.uint32, bitcast=True)
-                plane2 = tl.load(words + 2 * out_features, mask=col_ok[None, :], other=0).to(tl.uint32, bitcast=True)
-            for j in tl.static_range(VALUES):  # sub-tile j: sorted rows tile * 16 * VALUES + 16 j + sub
-                row0 = tile * 16 * VALUES + 16 * j
-                if (16 * j) % GROUP == 0:  # a new group starts (or the tile does): its scales and zero points
-                    group = row0 // GROUP
-                    zero_at = group * zero_words + zero_word
-                    zeros = _as_fp16(_bits_at(qzeros_ptr, zero_at, zero_at + 1, zero_shift, col_ok, BITS) + ZERO_OFFSET)
-                    scales = tl.load(scales_ptr + group * out_features + cols, mask=col_ok, other=0.0)
-                if BITS * j // 32 == 0:  # value j's word in its block (compile time, as its shift)
-                    q = plane0 >> (BITS * j % 32)
-                elif BITS * j // 32 == 1:
-                    q = plane1 >> (BITS * j % 32)
-                else:
-                    q = plane2 >> (BITS * j % 32)
-                if BITS * j % 32 + BITS > 32:  # straddles into the next word (3-bit values 10 and 21)
-                    if BITS * j // 32 == 0:
-                        q = q | (plane1 << (32 - BITS * j % 32))
-                    else:
-                        q = q | (plane2 << (32 - BITS * j % 32))
-                q = (q & ((1 << BITS) - 1)).to(tl.int32, bitcast=True)
-                weight = ((_as_fp16(q) - zeros[None, :]) * scales[None, :]).to(x_ptr.dtype.element_ty)
-                rows = row0 + sub
-                if BLOCK_M == 1:
-                    x = tl.load(x_ptr + tl.program_id(2) * in_features + rows)
-                    acc += x.to(tl.float32)[:, None] * weight.to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + tok[:, None] * in_features + rows[None, :], mask=tok_ok[:, None], other=0.0)
-                    acc = tl.dot(x, weight, acc, input_precision=DOT_PRECISION)
+        start = split * rows_per_split
+        for k0 in range(start, tl.minimum(start + rows_per_split, in_features), BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < in_features
+            mask = k_ok[:, None] & col_ok[None, :]
+            q = _unpack_rows(qweight_ptr, k0, ks, cols, mask, in_features, out_features, BITS, BLOCK_K, BLOCK_N)
+            groups = tl.load(g_idx_ptr + ks, mask=k_ok, other=0)[:, None] * out_features + cols[None, :]
+            zeros = tl.load(zeros_ptr + groups, mask=mask, other=0).to(tl.int32) + ZERO_OFFSET
+            scales = tl.load(scales_ptr + groups, mask=mask, other=0.0)
+            # rows past in_features: zero x, and weight (q - zero) * 0 = 0
+            weight = ((_as_fp16(q) - _as_fp16(zeros)) * scales).to(x_ptr.dtype.element_ty)
+            if BLOCK_M == 1:
+                x = tl.load(x_ptr + first_tok * x_row_stride + ks, mask=k_ok, other=0.0)
+                acc += x.to(tl.float32)[:, None] * weight.to(tl.float32)
+            else:
+                x = tl.load(x_ptr + tok[:, None] * x_row_stride + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                acc = tl.dot(x, weight, acc, input_precision=DOT_PRECISION)
         if BLOCK_M == 1:
             result = tl.sum(acc, axis=0)[None, :]
         else:
             result = acc
-        mask = tok_ok[:, None] & col_ok[None, :]
-        at = tok[:, None] * out_features + cols[None, :]
-        if splits == 1:
-            tl.store(out_ptr + at, result.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(part_ptr + split * tokens * out_features + at, result, mask=mask)
-            tl.debug_barrier()  # every thread's partial sums stored before the counter moves (acq_rel, gpu scope)
-            counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-            if tl.atomic_add(counter, 1) == splits - 1:  # the output tile's last split: add them all, in order
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for other in range(splits):
-                    total += tl.load(part_ptr + other * tokens * out_features + at, mask=mask, other=0.0,
-                                     cache_modifier=".cg")  # from L2: another SM wrote it
-                tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(counter, 0)
+        out = out_ptr + split * tokens * out_features + tok[:, None] * out_features + cols[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
