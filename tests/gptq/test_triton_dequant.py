@@ -40,7 +40,7 @@ def random_layer(in_features: int, out_features: int, config: GPTQConfig, seed: 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(REPO)} | env)
+                          env=os.environ | {"PYTHONPATH": str(REPO)} | env, check=False)
 
 
 def test_imports_without_triton_and_says_what_is_missing():
@@ -78,10 +78,12 @@ def test_kernel_is_bit_equal_to_reference_in_interpreter():
         from finetune.gptq.layer import reference_dequantize
         from tests.gptq.test_triton_dequant import PACKINGS, random_layer
         for seed, config in enumerate(PACKINGS):
-            layer = random_layer(160, 136, config, seed)  # not multiples of the 32 x 128 tile
+            # one program per input row in the interpreter: 96 rows hold three groups of 32, or one whole and one
+            # partial group of 64; 136 columns fill part of a tile
+            layer = random_layer(96, 136, config, seed)
             for dtype in (torch.float32, torch.float16):
                 out = dequantize_triton(layer, dtype)
-                assert out.shape == (136, 160), out.shape
+                assert out.shape == (136, 96), out.shape
                 assert torch.equal(out, reference_dequantize(layer, dtype)), (config, dtype)
         print("ok", len(PACKINGS))
         """, TRITON_INTERPRET="1")
