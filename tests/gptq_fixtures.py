@@ -67,13 +67,13 @@ def tiny_calibration_texts(tokenizer) -> list[str]:
 def tiny_gptq_dir(name: str) -> Path:
     from transformers import AutoTokenizer
 
-    from finetune.models.quantize import quantize_to_gptq
+    from finetune.models.quantize import compute_dtype, quantize_to_gptq
     bits, group_size, desc_act = TINY_GPTQ[name]
     source = tiny_llama_dir()
     texts = tiny_calibration_texts(AutoTokenizer.from_pretrained(source))
     settings = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "source": source.name,
                 "calibration": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
-                "block_size": CALIBRATION["block_size"]}
+                "block_size": CALIBRATION["block_size"], "compute_dtype": str(compute_dtype(torch.float16))}
     return cached_dir(f"test-tiny-llama-gptq-{name}", settings, lambda out: quantize_to_gptq(
         source, out, bits=bits, group_size=group_size, desc_act=desc_act, calibration_texts=texts,
         block_size=CALIBRATION["block_size"]))

@@ -94,10 +94,12 @@ def calibration_texts() -> list[str]:
 
 def smollm2_gptq_dir() -> Path:
     """SmolLM2-135M-Instruct quantised by gptqmodel to 4-bit, group 128, act-order, v1 format."""
+    from .quantize import compute_dtype  # light: gptqmodel itself is imported only when the cache misses
     source = smollm2_dir()
     texts = calibration_texts()
     settings = {**GPTQ_SETTINGS, "source": source.name,
-                "calibration": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()}
+                "calibration": hashlib.sha256("\n\n".join(texts).encode()).hexdigest(),
+                "compute_dtype": str(compute_dtype(torch.float16))}
 
     def build(out: Path) -> None:
         from .quantize import quantize_to_gptq  # gptqmodel is imported only when the cache misses

@@ -30,6 +30,39 @@ def import_gptqmodel():
     return gptqmodel
 
 
+def compute_dtype(checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """The dtype gptqmodel computes in while quantising: the checkpoint's own on a GPU; float32 on the CPU, where
+    half-precision matmuls run without native support (on the 2-core AVX-512 CI machine fp16 is ~90x and bf16 ~3x
+    slower than fp32; SmolLM2-135M took ~7 min in fp16). Either way the saved checkpoint keeps its own dtype:
+    fp16 and bf16 weights go through fp32 and back unchanged."""
+    return checkpoint_dtype if torch.cuda.is_available() else torch.float32
+
+
+def _cast_saved(out_dir: Path, dtype: torch.dtype) -> None:
+    """Give a checkpoint that gptqmodel saved in float32 back its own dtype: every float32 tensor (the weights left
+    dense; GPTQ's scales are fp16 already) and config.json's dtype, and the index's total size if it is sharded."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    total = 0
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+        tensors = {name: t.to(dtype) if t.dtype == torch.float32 else t for name, t in load_file(path).items()}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, path, metadata=metadata)
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    index_path = out_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index.setdefault("metadata", {})["total_size"] = total
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _check_source(model_dir: Path) -> dict:
     """The source model's config.json, after checking it is a full-precision model gptqmodel can load."""
     config_path = model_dir / "config.json"
@@ -86,15 +119,18 @@ def quantize_to_gptq(model_dir: str | Path, out_dir: str | Path, *, bits: int, g
         # gptqmodel's default group-aware reordering is neither v1 act-order nor supported without groups;
         # the Meditron branches were made with classic act-order (desc_act) or none.
         act_group_aware=False, **gptqmodel_options)
-    # Quantise in the checkpoint's own precision (gptqmodel would pick bf16 on CPU).
+    # Saved in the checkpoint's own precision (gptqmodel would pick bf16 on CPU, which rounds fp16 weights);
+    # computed in it on a GPU, in float32 on the CPU (see compute_dtype).
     dtype = getattr(torch, source_config.get("dtype") or source_config.get("torch_dtype") or "float16")
-    model = gptqmodel.GPTQModel.load(str(model_dir), quantize_config, dtype=dtype)
+    model = gptqmodel.GPTQModel.load(str(model_dir), quantize_config, dtype=compute_dtype(dtype))
     model.quantize(calibration, calibration_data_min_length=1)
 
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save(str(staging))
+        if compute_dtype(dtype) != dtype:
+            _cast_saved(staging, dtype)
         saved = read_gptq_config(staging)
         if (saved.bits, saved.group_size, saved.desc_act, saved.sym, saved.checkpoint_format) != \
                 (target.bits, target.group_size, target.desc_act, target.sym, target.checkpoint_format):
