@@ -1,6 +1,6 @@
-"""Sweeps: bad specs refused before any run, in one line; a real sweep of the `smoke` recipe (SmolLM2-135M GPTQ,
-one optimiser step a run) whose two good runs train although a third fails, evaluated with the base model on
-the same questions and compared."""
+"""Sweeps: bad specs refused before any run, in one line; a real sweep of the `smoke` recipe (on a tiny random GPTQ
+Llama: the sweep is plumbing, and each run is its own train.py process; one optimiser step a run) whose two good
+runs train although a third fails, evaluated with the base model on the same questions and compared."""
 
 import csv
 import json
@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer, LlamaConfig
 
 from finetune.config.recipe import RecipeError
+from finetune.gptq.format import GPTQConfig
+from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.training.sweep import check_evaluation, devices, plan, run_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,11 +59,17 @@ def test_evaluate_and_gpus_are_checked_too(tmp_path):
         devices("7")
 
 
-def test_a_sweep_trains_every_good_run_lists_the_failed_one_and_compares_them(tmp_path):
+def test_a_sweep_trains_every_good_run_lists_the_failed_one_and_compares_them(tiny_llama, tmp_path):
+    model = tmp_path / "tiny-gptq"  # 2 layers, 4-bit g32 act-order, random weights; the tiny fixture's ChatML BPE
+    write_random_gptq_checkpoint(model, LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                                    tie_word_embeddings=False),
+                                 GPTQConfig(bits=4, group_size=32, desc_act=True), seed=1)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(model)
     sweep_dir = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, str(REPO / "finetune" / "sweep.py"), "recipe=smoke", "lora.r=4,8,-1", "train.max_steps=1",
-         "train.max_length=256", "lora.target_modules=[q_proj,v_proj]", "train.save_steps=100",
+        [sys.executable, str(REPO / "finetune" / "sweep.py"), "recipe=smoke", "lora.r=4,8,-1", f"model.name={model}",
+         "train.max_steps=1", "lora.target_modules=[q_proj,v_proj]", "train.save_steps=100",
          "eval.benchmarks=[pubmedqa_smoke]", "eval.limit=2",
          f"output_dir={sweep_dir}", "--evaluate"], capture_output=True, text=True, check=False)
     print(result.stdout)
