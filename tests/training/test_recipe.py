@@ -65,7 +65,7 @@ def test_recipe_given_as_a_path_builds_on_base(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["lora.rr=3"], "); fix the name, or add it with +lora.rr=..."),
-    (["epochs=3"], "unknown key 'epochs' (top-level keys: output_dir, resume, seed, model, data, lora, train,"),
+    (["epochs=3"], "unknown key 'epochs' (top-level keys: output_dir, resume, seed, profile_step, model, data, lora, train,"),
     (["lora.r=abc"], "lora.r='abc' should be an integer"),
     (["train.packing=maybe"], "train.packing='maybe' should be true or false"),
     (["lora.target_modules=q_proj"], "lora.target_modules='q_proj' should be a list like [a,b]"),
