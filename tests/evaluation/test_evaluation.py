@@ -219,14 +219,10 @@ def test_eval_speed_benchmark_on_a_tiny_shape(tiny_llama, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """Two optimiser steps of the real `smoke` training, scoring 3 questions of its sample every second step."""
-    from finetune.training import sft
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = compose_recipe("smoke", ["train.max_steps=2", "train.max_length=256", "train.save_steps=100",
-                                   f"output_dir={run_dir}", "eval.during_training.every_n_steps=2",
-                                   "eval.during_training.benchmark=pubmedqa_smoke", "eval.during_training.n_items=3"])
-    trainer = sft.train(cfg, command="test")
+def smoke_run(smoke_training) -> tuple[Path, list[dict]]:
+    """conftest's real `smoke` training: three optimiser steps, scoring 3 questions of its sample every second step
+    (at step 2 only). Shared with tests/training: tests that write into the run copy it first."""
+    run_dir, trainer = smoke_training
     return run_dir, trainer.state.log_history
 
 
@@ -248,13 +244,13 @@ def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
     logged = {e["step"]: e["eval/pubmedqa_smoke_accuracy"] for e in log_history if "eval/pubmedqa_smoke_accuracy" in e}
     assert list(logged) == [2] and logged[2] in (0.0, 1 / 3, 2 / 3, 1.0)
     # the evaluated step keeps its own loss log, and metrics.json carries both
-    assert [e["step"] for e in log_history if "loss" in e] == [1, 2]
+    assert [e["step"] for e in log_history if "loss" in e] == [1, 2, 3]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [e["step"] for e in metrics["loss"]] == [1, 2]
+    assert [e["step"] for e in metrics["loss"]] == [1, 2, 3]
     assert [(e["step"], e["eval/pubmedqa_smoke_accuracy"]) for e in metrics["eval"]] == [(2, logged[2])]
     assert set(metrics["eval"][0]) == {"step", "epoch", "eval/pubmedqa_smoke_accuracy"}
     # the evaluated step's tokens/s too (TRL hands its token count to the eval's log, which comes first)
-    assert [e["step"] for e in metrics["speed"] if e["tokens_per_s"] > 0] == [1, 2]
+    assert [e["step"] for e in metrics["speed"] if e["tokens_per_s"] > 0] == [1, 2, 3]
 
 
 def test_adapter_of_another_base_is_refused_before_loading(smoke_run, tmp_path):
@@ -333,10 +329,10 @@ def test_adapter_changes_the_scores(real_runs, smoke_run):
     assert manifest["adapter"]["run_model"] == {"name": "smollm2-135m-instruct-gptq", "revision": None}
 
 
-def test_evaluation_inside_the_training_run_keeps_its_config(smoke_run):
+def test_evaluation_inside_the_training_run_keeps_its_config(smoke_run, tmp_path):
     """recipe=smoke adapter=<run> with the recipe's own output_dir: results land beside the adapter, and the
     run's config.yaml (which resume and export read) is left alone."""
-    run_dir, _ = smoke_run
+    run_dir = Path(shutil.copytree(smoke_run[0], tmp_path / "run"))  # a copy: the shared run stays as trained
     before = (run_dir / "config.yaml").read_text()
     evaluate(compose_recipe("smoke", [f"adapter={run_dir}", f"output_dir={run_dir}", "eval.benchmarks=[pubmedqa_smoke]",
                                       "eval.limit=2"]), command="test")
