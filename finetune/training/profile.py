@@ -24,7 +24,7 @@ from ..config.files import write_atomic
 # the first pattern a kernel's name matches gives its kind
 KERNEL_KINDS = (
     ("communication", re.compile(r"nccl|gloo", re.IGNORECASE)),
-    ("host copies", re.compile(r"memcpy (htod|dtoh)|Memcpy HtoD|Memcpy DtoH", re.IGNORECASE)),
+    ("host copies", re.compile(r"memcpy (htod|dtoh)", re.IGNORECASE)),
     ("GPTQ dequantise / fused matmul", re.compile(r"dequant|gemv", re.IGNORECASE)),
     ("attention", re.compile(r"flex|attention|fmha|flash|cudnn", re.IGNORECASE)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|cublas|nvjet|sm\d+_", re.IGNORECASE)),
@@ -58,22 +58,22 @@ class ProfileStep(TrainerCallback):
 
     def __init__(self, step: int, run_dir: Path, rank: int = 0):
         self.step, self.run_dir, self.rank = step, Path(run_dir), rank
-        self.profiler, self.start = None, 0.0
+        self.profiler, self.start, self.cuda = None, 0.0, False
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 != self.step:
             return
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self.cuda:
             torch.cuda.synchronize()
-        self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+        self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])])
         self.profiler.__enter__()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.profiler is None:
             return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.cuda:
             torch.cuda.synchronize()
         wall_s = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)

@@ -3,12 +3,7 @@ and the whole path against the CPU on a GPU (skipped without one; bench.train_sp
 
 import functools
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +25,11 @@ from finetune.gpu.fast_training import (
 )
 from finetune.gpu.host_offload import PinnedArena
 from finetune.gpu.seeded_dropout import dropout_mask
+from tests.gptq.test_triton_dequant import run_python
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)
 MIB = 2 ** 20
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +128,7 @@ def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpo
 
 @pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
 def test_dropout_kernel_draws_the_same_mask_for_the_same_seed_in_interpreter():
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    result = run_python("""
         import torch
         from finetune.gpu.seeded_dropout import drop_triton
         x = torch.randn(3, 5000)  # not a multiple of the kernel's block
@@ -144,8 +139,7 @@ def test_dropout_kernel_draws_the_same_mask_for_the_same_seed_in_interpreter():
         assert torch.equal(drop_triton(x.t().contiguous().t(), 0.25, 2 ** 40 + 7), out)  # by element, not by layout
         other = drop_triton(torch.ones_like(x), 0.25, 2 ** 40 + 8)
         print(round(mask.mean().item(), 2), (mask != other).float().mean().item() > 0.2)
-        """)], env=os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        check=False)
+        """, TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["0.75", "True"]  # keeps 1 - p; another seed, another mask
 
