@@ -11,11 +11,12 @@ values do not change speed; shapes and packing do), then runs, each in its own p
   product  `accelerate launch finetune/train.py recipe=medqa model.name=<checkpoint> ...` with the recipe's
            defaults except: MedQA-4 from the local test file (the training split is on the Hub only), one row per
            optimiser step (gradient_accumulation_steps=1), no wandb
-Both log every step (training.run_report: seconds, tokens/s from TRL's token count, host RSS, pinned bytes, GPU
-peak). Prints and writes (results.json, table.md in --out) tokens/s after the warm-up steps, the slowest step
-after warm-up against the median, host memory at the first and last step. A run still going at --deadline-s is
-stopped and reported on the steps it logged. --synthetic also runs the benchmark loop (bench.train_speed) on the
-same checkpoint.
+Both log every step (training.run_report: training seconds, tokens/s from TRL's token count, seconds spent on
+evaluation, checkpoint saves and garbage collection, host RSS, pinned bytes, GPU peak). Prints and writes
+(results.json, table.md in --out) tokens/s after the warm-up steps (over training time, and over the wall time),
+the slowest step after warm-up against the median, host memory at the first and last step. A run still going at
+--deadline-s is stopped and reported on the steps it logged. --synthetic also runs the benchmark loop
+(bench.train_speed) on the same checkpoint.
 """
 
 import argparse
@@ -44,23 +45,27 @@ def recipe_overrides(checkpoint: str, steps: int) -> list[str]:
             "train.report_to=none"]
 
 
-def summarise(speed: list[dict], warmup: int, save_steps: int | None = None) -> dict:
-    """tokens/s over the steps after `warmup`, their median and slowest step, and memory at the first and last
-    logged step. Steps that save a checkpoint are told apart: they write the adapter and optimizer state."""
-    timed = speed[warmup:]
+def summarise(speed: list[dict], warmup: int, profiled: int | None = None) -> dict:
+    """tokens/s over the steps after `warmup` (training seconds; and over the wall time, evaluations and
+    checkpoint saves included), the median and slowest step, the seconds the garbage collector took, and memory at
+    the first and last logged step (training.run_report's per-step entries). The `profiled` step (profile_step=N,
+    slowed by the profiler and the trace it writes) is left out of the figures."""
+    timed = [s for s in speed[warmup:] if s["step"] != profiled]
     if not timed:
         return {"error": f"{len(speed)} steps logged, none after the {warmup} warm-up steps"}
     seconds = [s["seconds"] for s in timed]
-    saving = {s["step"] for s in timed if save_steps and s["step"] % save_steps == 0}
-    plain = [s for s in timed if s["step"] not in saving]
-    median = statistics.median(s["seconds"] for s in plain)
-    slowest = max(plain, key=lambda s: s["seconds"])
+    wall = sum(s["seconds"] + s.get("eval_s", 0) + s.get("save_s", 0) for s in timed)
+    median = statistics.median(seconds)
+    slowest = max(timed, key=lambda s: s["seconds"])
     tokens = sum(s["tokens_per_s"] * s["seconds"] for s in timed)
     first, last = speed[0], speed[-1]
     return {"steps": len(speed), "timed_steps": len(timed), "tokens_per_s": round(tokens / sum(seconds), 1),
+            "wall_tokens_per_s": round(tokens / wall, 1),
             "median_step_s": round(median, 3), "slowest_step": slowest["step"],
             "slowest_step_s": slowest["seconds"], "slowest_over_median": round(slowest["seconds"] / median, 3),
-            "save_steps_s": {s["step"]: s["seconds"] for s in timed if s["step"] in saving},
+            "slowest_gc_s": slowest.get("gc_s"), "gc_s": round(sum(s.get("gc_s", 0) for s in timed), 3),
+            "beside_training_s": {s["step"]: {k: s[k] for k in ("eval_s", "save_s") if k in s}
+                                  for s in timed if "eval_s" in s or "save_s" in s},
             "host_rss_gib": [first.get("host_rss_gib"), last.get("host_rss_gib")],
             "pinned_gib": [first.get("pinned_gib"), last.get("pinned_gib")],
             "gpu_peak_gib": max(s.get("gpu_peak_gib", 0) for s in speed),
@@ -130,8 +135,8 @@ def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, e
 
 
 def format_table(results: dict) -> str:
-    header = ("| case | steps (timed) | tok/s | × peer | median step s | slowest after warm-up (× median) "
-              "| host RSS GiB first → last | pinned GiB first → last | GPU peak GiB |")
+    header = ("| case | steps (timed) | tok/s (wall) | × peer | median step s | slowest after warm-up (× median; "
+              "GC s in it) | host RSS GiB first → last | pinned GiB first → last | GPU peak GiB |")
     lines = [f"{results['card']} · {results['date']} · {results['config']} · `{results['command']}`", "", header,
              "|---|---|---|---|---|---|---|---|---|"]
     peer = results["cases"].get("peer", {}).get("tokens_per_s")
@@ -140,13 +145,15 @@ def format_table(results: dict) -> str:
             lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / peer:.2f}" if peer else "–"
-        lines.append(f"| {name} | {r['steps']} ({r['timed_steps']}) | {r['tokens_per_s']:.0f} | {ratio} "
-                     f"| {r['median_step_s']} | step {r['slowest_step']}: {r['slowest_step_s']} s "
-                     f"({r['slowest_over_median']}) | {' → '.join(map(str, r['host_rss_gib']))} "
+        lines.append(f"| {name} | {r['steps']} ({r['timed_steps']}) | {r['tokens_per_s']:.0f} "
+                     f"({r['wall_tokens_per_s']:.0f}) | {ratio} | {r['median_step_s']} | step {r['slowest_step']}: "
+                     f"{r['slowest_step_s']} s ({r['slowest_over_median']}; {r['slowest_gc_s']}) "
+                     f"| {' → '.join(map(str, r['host_rss_gib']))} "
                      f"| {' → '.join(map(str, r['pinned_gib']))} | {r['gpu_peak_gib']} |")
     for name, r in results["cases"].items():
-        if r.get("save_steps_s"):
-            lines += ["", f"{name}: checkpoint-saving steps (s): {r['save_steps_s']}"]
+        if r.get("beside_training_s"):
+            beside = r["beside_training_s"]
+            lines += ["", f"{name}: seconds beside training (evaluation, checkpoint save) by step: {beside}"]
         for line in r.get("fast_path_lines", []):
             lines += ["", f"{name}: {line}"]
     return "\n".join(lines)
@@ -187,9 +194,9 @@ def main(argv=None) -> None:
                "command": "python -m finetune.bench.product_speed " + shlex.join(argv or sys.argv[1:]),
                "cases": {}}
     with open(out / "log.txt", "a") as log:
-        def record(name: str, result: dict, warmup: int, save_steps: int | None = None) -> None:
+        def record(name: str, result: dict, warmup: int, profiled: int | None = None) -> None:
             speed = result.pop("speed", None)
-            results["cases"][name] = result | (summarise(speed, warmup, save_steps) if speed else {})
+            results["cases"][name] = result | (summarise(speed, warmup, profiled) if speed else {})
             (out / "results.json").write_text(json.dumps(results, indent=1))
 
         if not (Path(checkpoint) / "config.json").is_file():
@@ -198,8 +205,9 @@ def main(argv=None) -> None:
                 sys.exit(f"error: writing the random checkpoint failed: {results['write']['error']}")
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
+        profiled = next((int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("profile_step=")), None)
         record("train.py", product_case(checkpoint, args.steps, out, deadline, log, args.overrides), args.warmup,
-               save_steps=100)  # recipes/base.yaml's save_steps
+               profiled)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
                             "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")], cwd=REPO_ROOT, check=False)

@@ -1,6 +1,7 @@
 """Evaluation during training: every N optimiser steps, the log-likelihood accuracy of the model in training on a
 fixed slice of a benchmark, logged through the trainer."""
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -55,6 +56,9 @@ class SliceAccuracyCallback(TrainerCallback):
         if state.global_step % self.every_n_steps or not state.is_world_process_zero:
             return
         model = self.trainer.model
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the step's queued kernels belong to the step's time, not the evaluation's
+        start = time.perf_counter()
         was_training = model.training
         model.eval()
         with torch.inference_mode(), sdpa_attention(model):
@@ -62,5 +66,6 @@ class SliceAccuracyCallback(TrainerCallback):
                                      self.system, desc=f"eval {self.benchmark}")
         model.train(was_training)
         should_log = control.should_log  # trainer.log clears it, which would drop this step's loss log
-        self.trainer.log({f"eval/{self.benchmark}_accuracy": sum(r["correct"] for r in records) / len(records)})
+        self.trainer.log({f"eval/{self.benchmark}_accuracy": sum(r["correct"] for r in records) / len(records),
+                          "eval/seconds": round(time.perf_counter() - start, 3)})
         control.should_log = should_log

@@ -3,13 +3,15 @@
     config.yaml        the resolved recipe, written before training starts
     metrics.json       loss per step, accuracies on the eval.during_training slice, the run's summary, the data
                        report (examples per entry, skipped bad rows and their messages), the GPU fast path's plan
-                       (what it could not take included) and, per logged step of this process, its seconds,
-                       tokens/s, host memory (RSS and pinned) and GPU peak
+                       (what it could not take included) and, per logged step of this process, its training
+                       seconds and tokens/s, the seconds it spent beside training (eval.during_training, saving a
+                       checkpoint, Python's garbage collector), host memory (RSS and pinned) and GPU peak
     loss_curve.png     the loss per step
     adapter/           the final LoRA adapter in PEFT format, with the tokenizer it was trained with
     checkpoints/       the Trainer's checkpoint-N folders, for resume=true
 """
 
+import gc
 import json
 import os
 import shutil
@@ -45,35 +47,63 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str) -> 
 
 class RunReport(TrainerCallback):
     """Rewrites metrics.json and loss_curve.png at every log, from the Trainer's own log history, which a
-    resumed run restores from its checkpoint: the files always cover the whole run."""
+    resumed run restores from its checkpoint: the files always cover the whole run.
+
+    A step's "seconds" run from the end of the previous step's log (or checkpoint save) to its own loss log, less
+    the evaluation logged in between ("eval_s"); a checkpoint saved after the log is the step's "save_s". So the
+    steps' seconds compare training with training, and seconds + eval_s + save_s add up to the wall time."""
 
     def __init__(self, run_dir: Path, data_report: dict, title: str):
         self.run_dir, self.data_report, self.title = Path(run_dir), data_report, title
         self.fast_path, self.speed = None, []
         self.last_log = (time.perf_counter(), 0)  # (when, tokens so far) at the previous log
         self.tokens = None  # TRL's token count, from whichever log carried it last
+        self.eval_s = 0.0  # evaluation logged since the previous step log
+        self.gc_s, self.gc_start = 0.0, None  # Python's garbage collection since the previous step log
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.fast_path = getattr(base, "fast_training_report", None)
         self.last_log = (time.perf_counter(), 0)
+        gc.callbacks.append(self.time_gc)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.callbacks.remove(self.time_gc)
+
+    def time_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.gc_start = time.perf_counter()
+        elif self.gc_start is not None:
+            self.gc_s += time.perf_counter() - self.gc_start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         # TRL adds its step metrics to the next log of any kind: an eval.during_training log can take num_tokens
         self.tokens = logs.get("num_tokens", self.tokens)
+        self.eval_s += logs.get("eval/seconds", 0.0)
         if "loss" in logs:  # a training step's log (the loss .item() has waited for the GPU)
             self.speed.append(self.step_speed(state.global_step, self.tokens))
         if state.is_world_process_zero:
             self.write(state.log_history)
 
+    def on_save(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.speed and self.speed[-1]["step"] == state.global_step:
+            self.speed[-1]["save_s"] = round(now - self.last_log[0], 3)
+        self.last_log = (now, self.last_log[1])
+
     def step_speed(self, step: int, tokens: float | None) -> dict:
-        """Since the previous log: seconds, tokens/s (from TRL's token count), and memory now."""
+        """Since the previous log: training seconds, tokens/s (from TRL's token count), the seconds beside
+        training, and memory now."""
         now, last_tokens = time.perf_counter(), self.last_log[1]
-        entry = {"step": step, "seconds": round(now - self.last_log[0], 3)}
+        entry = {"step": step, "seconds": round(now - self.last_log[0] - self.eval_s, 3)}
         if tokens is not None:
             entry["tokens_per_s"] = round((tokens - last_tokens) / max(entry["seconds"], 1e-9), 1)
+        if self.eval_s:
+            entry["eval_s"] = round(self.eval_s, 3)
+        entry["gc_s"] = round(self.gc_s, 3)
         self.last_log = (now, tokens if tokens is not None else last_tokens)
+        self.eval_s = self.gc_s = 0.0
         entry["host_rss_gib"] = round(psutil.Process().memory_info().rss / 2 ** 30, 2)
         if torch.cuda.is_initialized():
             pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)  # torch's pinned allocator

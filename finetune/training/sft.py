@@ -12,11 +12,12 @@ Everything that can fail on a user's input (recipe values, model source and bran
 checked in `prepare`, before any weight is loaded.
 """
 
+import gc
 import json
 import math
 import os
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -302,9 +303,22 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
             else:
                 trainer.model.load_adapter(str(prepared.resume_from), trainer.model.active_adapter, is_trainable=True)
         else:
-            trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
+            with frozen_heap():
+                trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
         save_adapter(trainer, run_dir)
     return trainer
+
+
+@contextmanager
+def frozen_heap():
+    """Python's garbage collector leaves the objects alive when training starts (model, data, tokenizer) out of its
+    full passes until training ends: each such pass would otherwise walk them all, in the middle of some step."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # --- dry run ------------------------------------------------------------------------------------------------------

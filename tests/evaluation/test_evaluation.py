@@ -248,7 +248,7 @@ def test_training_logs_slice_accuracy_every_n_steps(smoke_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["step"] for e in metrics["loss"]] == [1, 2, 3]
     assert [(e["step"], e["eval/pubmedqa_smoke_accuracy"]) for e in metrics["eval"]] == [(2, logged[2])]
-    assert set(metrics["eval"][0]) == {"step", "epoch", "eval/pubmedqa_smoke_accuracy"}
+    assert set(metrics["eval"][0]) == {"step", "epoch", "eval/pubmedqa_smoke_accuracy", "eval/seconds"}
     # the evaluated step's tokens/s too (TRL hands its token count to the eval's log, which comes first)
     assert [e["step"] for e in metrics["speed"] if e["tokens_per_s"] > 0] == [1, 2, 3]
 

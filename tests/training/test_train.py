@@ -73,7 +73,11 @@ def test_run_directory(smollm2_run):
     # this process's steps: time, tokens/s from TRL's token count, host memory; no GPU fast path on the CPU
     assert [entry["step"] for entry in metrics["speed"]] == [1, 2, 3] and metrics["fast_path"] is None
     assert all(entry["seconds"] > 0 and entry["tokens_per_s"] > 0 and entry["host_rss_gib"] > 0.1
-               for entry in metrics["speed"])
+               and entry["gc_s"] >= 0 for entry in metrics["speed"])
+    # the time beside training, each on its step: the slice scored at step 2, the checkpoint saved at step 3
+    assert [sorted(set(entry) & {"eval_s", "save_s"}) for entry in metrics["speed"]] == [[], ["eval_s"], ["save_s"]]
+    assert metrics["speed"][1]["eval_s"] == metrics["eval"][0]["eval/seconds"] > 0
+    assert metrics["speed"][2]["save_s"] > 0
     assert metrics["data"]["pubmedqa"] == {"benchmark": "pubmedqa", "split": "train_dev",
                                            "source": str(REPO / "data" / "smoke_pubmedqa.json"), "examples": 30,
                                            "skipped_rows": 0, "skipped": [], "dropped_without_explanation": 0}
