@@ -5,7 +5,8 @@
                        report (examples per entry, skipped bad rows and their messages), the GPU fast path's plan
                        (what it could not take included) and, per logged step of this process, its training
                        seconds and tokens/s, the seconds it spent beside training (eval.during_training, saving a
-                       checkpoint, Python's garbage collector), host memory (RSS and pinned) and GPU peak
+                       checkpoint, Python's garbage collector), host memory (RSS and pinned), GPU peak and the
+                       allocator's retries so far
     loss_curve.png     the loss per step
     adapter/           the final LoRA adapter in PEFT format, with the tokenizer it was trained with
     checkpoints/       the Trainer's checkpoint-N folders, for resume=true
@@ -109,6 +110,8 @@ class RunReport(TrainerCallback):
             pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)  # torch's pinned allocator
             entry["pinned_gib"] = round(pinned / 2 ** 30, 2)
             entry["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            # the allocator freed its cache and retried (a synchronising cudaFree): a step's time near a memory cap
+            entry["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         return entry
 
     def write(self, log_history: list[dict]) -> None:
