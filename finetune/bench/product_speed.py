@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from finetune import REPO_ROOT
 from finetune.bench.train_speed import run_worker, worker
@@ -131,7 +132,8 @@ def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, e
     if not metrics.is_file():
         return result | {"error": (text.strip().splitlines() or ["no output"])[-1][:300]}
     metrics = json.loads(metrics.read_text())
-    return result | {"speed": metrics["speed"], "fast_path": metrics["fast_path"]}
+    profiled = OmegaConf.load(run_dir / "config.yaml").get("profile_step")  # the run's resolved recipe
+    return result | {"speed": metrics["speed"], "fast_path": metrics["fast_path"], "profiled": profiled}
 
 
 def format_table(results: dict) -> str:
@@ -194,8 +196,8 @@ def main(argv=None) -> None:
                "command": "python -m finetune.bench.product_speed " + shlex.join(argv or sys.argv[1:]),
                "cases": {}}
     with open(out / "log.txt", "a") as log:
-        def record(name: str, result: dict, warmup: int, profiled: int | None = None) -> None:
-            speed = result.pop("speed", None)
+        def record(name: str, result: dict, warmup: int) -> None:
+            speed, profiled = result.pop("speed", None), result.pop("profiled", None)
             results["cases"][name] = result | (summarise(speed, warmup, profiled) if speed else {})
             (out / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -205,9 +207,7 @@ def main(argv=None) -> None:
                 sys.exit(f"error: writing the random checkpoint failed: {results['write']['error']}")
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
-        profiled = next((int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("profile_step=")), None)
-        record("train.py", product_case(checkpoint, args.steps, out, deadline, log, args.overrides), args.warmup,
-               profiled)
+        record("train.py", product_case(checkpoint, args.steps, out, deadline, log, args.overrides), args.warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
                             "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")], cwd=REPO_ROOT, check=False)
