@@ -200,3 +200,22 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_trained):
     # the same row read as one long sequence mixes the examples: the check above can see contamination
     mixed = logits(trainer.model, batch["input_ids"])
     assert (mixed[second] - alone).abs().max() > 1e-3
+
+
+def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end():
+    """The collector's full passes skip the heap alive at training start and after each warm-up step; objects
+    made later stay collectable; nothing stays frozen once training ends, even when it ends in an error."""
+    import gc
+
+    from transformers import TrainerControl, TrainerState
+
+    counts, kept = [], []
+    with pytest.raises(RuntimeError, match="stopped"), sft.frozen_heap(warmup_steps=2) as freeze:
+        counts.append(gc.get_freeze_count())
+        for step in (1, 2, 3):
+            kept.append([[] for _ in range(1000)])  # what a step makes and keeps (1,001 tracked lists)
+            freeze.on_step_end(None, TrainerState(global_step=step), TrainerControl())
+            counts.append(gc.get_freeze_count())
+        raise RuntimeError("stopped")
+    assert counts[0] > 0 and counts[1] >= counts[0] + 1001 and counts[2] >= counts[1] + 1001 and counts[3] == counts[2]
+    assert gc.get_freeze_count() == 0 and len(kept) == 3
