@@ -21,7 +21,7 @@ import shlex  # noqa: E402
 
 from finetune.config.recipe import RecipeError, compose_recipe, split_args, usage  # noqa: E402
 from finetune.gptq import GPTQFormatError  # noqa: E402
-from finetune.training import sft  # noqa: E402
+from finetune.training import dry_run, sft  # noqa: E402
 
 
 def main(args: list[str]) -> int:
@@ -31,7 +31,7 @@ def main(args: list[str]) -> int:
     try:
         cfg = compose_recipe(*split_args(args))
         if cfg.train.dry_run:
-            sft.dry_run(cfg)
+            dry_run.dry_run(cfg)
         else:
             trainer = sft.train(cfg, command=shlex.join(["finetune/train.py", *args]))
             trainer.accelerator.print(f"adapter saved to {cfg.output_dir}/adapter")
