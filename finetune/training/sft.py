@@ -314,7 +314,7 @@ class FreezeHeap(TrainerCallback):
     caches). Each full pass would otherwise walk them all in the middle of some step: ~0.16 s every ~14 steps at 70B
     with only the start frozen. Use it through `frozen_heap`, which undoes the freeze when training ends."""
 
-    def __init__(self, warmup_steps: int = 2):
+    def __init__(self, warmup_steps: int):
         self.warmup_steps = warmup_steps
 
     def on_step_end(self, args, state, control, **kwargs):
