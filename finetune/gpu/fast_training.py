@@ -12,6 +12,9 @@ What it does, each kept because it measured faster (eval/BENCHMARKS.md):
   as the host link can carry while the GPU computes keep them in pinned host memory (`host_offload`), and only
   the rest recompute. When even recomputing every layer does not fit (long contexts), layer inputs wait in
   pinned host memory.
+
+Under FSDP2 (accelerate_fsdp.yaml) the same path runs on each GPU's shard: the plan counts this GPU's slice of the
+weights and adapters plus the layers gathered whole while they compute, and is made per process.
 """
 
 import functools
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gptq.layer import GPTQLinear
+from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
 from .fast_lora import speed_up_lora
 from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
 
@@ -54,6 +57,9 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
               "peft_lora_modules": lora}
 
     layers = decoder_layers(base)
+    gathered = gathered_layer_bytes(layers[0])
+    if gathered:
+        settle_sharded_root(model, device)
     base.config.use_cache = False  # training keeps no KV cache
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x: non-reentrant by default
         base.activation_checkpointing_enable()
@@ -61,8 +67,10 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     budget = (memory_budget_gib * GIB if memory_budget_gib is not None
               else 0.9 * torch.cuda.get_device_properties(device).total_memory)
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    static = torch.cuda.memory_allocated(device) + 3 * trainable  # + grads and AdamW's two moments
+    trainable = sum(local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # + grads and AdamW's two moments; sharded, also a layer gathered ahead of the one computing and its all-gather
+    # buffer (the measured layer below counts the one computing)
+    static = torch.cuda.memory_allocated(device) + 3 * trainable + 2 * gathered
     hooks = getattr(base, "_host_offload", None) or HostOffload()
     base._host_offload = hooks
     apply_plan(layers, RecomputePlan(keep=len(layers), offload=0, bytes=0), hooks)  # measure the plain layer
@@ -83,12 +91,34 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, host=plan.host,
                   recompute=len(layers) - plan.keep - plan.host, offload=plan.offload,
                   budget_gib=round(budget / GIB, 1), model_gib=round(static / GIB, 1),
+                  sharded_layer_gib=round(gathered / GIB, 2),
                   planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
                   host_gib=round(plan.host * sizes[1] / GIB, 1), pinned_gib=round(hooks.pinned_bytes / GIB, 1),
                   host_share=round(host_share, 2),
                   layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
     base.fast_training_report = report  # for the run's metrics (training.run_report)
     return report
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This GPU's part of a parameter: its shard under FSDP2 (a DTensor), else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def gathered_layer_bytes(layer: torch.nn.Module) -> int:
+    """Bytes of a decoder layer's parameters gathered whole, when FSDP2 shards them (DTensors); 0 when not sharded."""
+    return sum(p.numel() * p.element_size() for p in layer.parameters() if hasattr(p, "to_local"))
+
+
+def settle_sharded_root(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 makes the first module to run a forward its root, so measuring one layer first would make that layer
+    the root and the model's own forward then fails. A short row through the whole model first (every rank at once,
+    no gradients, torch's CPU generator untouched: LoRA dropout seeds come from it), longer than the fused decode
+    matmul takes: a GPTQ layer outside the lean LoRA would otherwise keep its zero points unpacked, whole, on every
+    GPU (`triton_gemv.unpacked_zeros`)."""
+    tokens = max(FUSED_MAX_TOKENS.values()) + 1
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=False)
 
 
 def default_host_memory() -> float:

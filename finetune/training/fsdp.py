@@ -1,6 +1,6 @@
 """FSDP2 runs: the GPTQ weights sharded across GPUs, so a model larger than one card trains on several.
 
-    accelerate launch --config_file accelerate_fsdp.yaml finetune/train.py recipe=medqa gpu.fast_path=false
+    accelerate launch --config_file accelerate_fsdp.yaml finetune/train.py recipe=medqa
 
 accelerate's FSDP2 plugin (`fsdp_version: 2`) does the sharding: each decoder layer, its LoRA inside, becomes one
 `fully_shard` unit; GPTQLinear's packed tensors are frozen parameters, so each GPU keeps its slice of them and
@@ -8,6 +8,9 @@ gathers a layer only while it computes. Only the adapters have gradients, so onl
 Loading streams: the model is sharded before any packed tensor is read (`shard_model`), then each rank reads only
 the rows of its slices from the safetensors files, straight to its GPU; no rank holds the whole model in host or GPU
 memory (each reads the dense weights whole: embeddings, norms, output layer, ~1 GB at 70B).
+
+The fast GPU path (`gpu.fast_path`, finetune.gpu) runs on the shards: its lean LoRA dequantises from the gathered
+tensors in forward and backward alike, and its recompute plan is made per GPU for this GPU's slice of the model.
 
 Checkpoints (`fsdp_state_dict_type: SHARDED_STATE_DICT`) hold each rank's shard of the adapter and optimiser state,
 not the GPTQ weights; `resume=true` reads them back into the sharded model. The adapter is saved gathered, in PEFT's
@@ -38,7 +41,7 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
         raise RecipeError(f"accelerate's FSDP settings: {' '.join(str(err).split())}; {FIX}") from None
 
 
-def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin, fast_path: bool) -> None:
+def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin) -> None:
     """Settings that cannot shard a GPTQ model fail here, before loading, with the fix."""
     from torch.distributed.fsdp import CPUOffloadPolicy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -59,17 +62,25 @@ def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin, fast_path: bool) ->
     if plugin.cpu_ram_efficient_loading:
         raise RecipeError("fsdp_cpu_ram_efficient_loading: true broadcasts rank 0's whole model; set it to false: "
                           f"each rank reads only its shard of the checkpoint, straight to its GPU ({FIX})")
-    if fast_path and PartialState().device.type == "cuda":
-        raise RecipeError("gpu.fast_path=true plans recompute for whole layers on one GPU and does not run under "
-                          "FSDP2 yet; pass gpu.fast_path=false")
 
 
-def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_length: int) -> None:
-    """A cap (gpu.memory_budget_gib) below the sharded plan's estimated per-GPU peak fails before loading."""
-    if cap_gib is not None and per_gpu_gib > cap_gib:
+def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_length: int,
+                     fast_path: bool = False) -> None:
+    """A cap (gpu.memory_budget_gib) below the sharded plan's estimated per-GPU peak fails before loading; with the
+    fast path, below that peak plus the headroom its recompute plan keeps (fast_training.MARGIN_BYTES), which the
+    plain path does without."""
+    if cap_gib is None:
+        return
+    if per_gpu_gib > cap_gib:
         raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{per_gpu_gib:.1f} GiB per GPU this model "
                           f"needs sharded over {gpus} GPUs at train.max_length={max_length} (estimate); use more "
                           "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap")
+    from ..gpu.fast_training import GIB, MARGIN_BYTES
+    with_margin = per_gpu_gib + MARGIN_BYTES / GIB
+    if fast_path and with_margin > cap_gib:
+        raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{with_margin:.1f} GiB per GPU the fast path "
+                          f"plans for sharded over {gpus} GPUs at train.max_length={max_length} (estimate); pass "
+                          f"gpu.fast_path=false (every layer recomputed, ~{per_gpu_gib:.1f} GiB) or raise the cap")
 
 
 def apply_memory_cap(cap_gib: float | None) -> None:
@@ -173,14 +184,14 @@ def keep_stored_dtypes(plugin: FullyShardedDataParallelPlugin) -> None:
     plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
 
 
-def check_sharded_memory(cfg, source, gpus: int) -> None:
+def check_sharded_memory(cfg, source, gpus: int, fast_path: bool) -> None:
     """gpu.memory_budget_gib against the sharded plan's estimate (finetune.gptq.memory), from the checkpoint's
-    headers alone."""
+    headers alone; fast_path: the fast GPU path will plan the run."""
     if cfg.gpu.memory_budget_gib is None:
         return
     from ..gptq.checkpoint_info import describe_checkpoint
     info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus)
-    check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length)
+    check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
 
 
 def gather_head_with_backbone(model: torch.nn.Module) -> None:

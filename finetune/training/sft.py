@@ -181,12 +181,13 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_gpu_settings(cfg, on_gpu=PartialState().device.type == "cuda")
     plugin = fsdp.fsdp_plugin()
     if plugin is not None:
-        fsdp.check_fsdp_setup(plugin, cfg.gpu.fast_path)
+        fsdp.check_fsdp_setup(plugin)
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
     source = model_source(cfg)
     model_dir = check_model(cfg, source)
     if plugin is not None:
-        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes)
+        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes,
+                                  fast_path=cfg.gpu.fast_path and PartialState().device.type == "cuda")
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
         check_answers_fit(cfg, dataset, model_dir)

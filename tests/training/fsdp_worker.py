@@ -10,7 +10,9 @@ describes) over gloo. The batch is two rows of equal length: one
 process trains on both, each of two ranks on its own row, so the ranks' mean loss and averaged (reduce-scattered)
 gradient are the one-process ones up to fp32 rounding. Writes OUT/results-<rank>.pt (loss, LoRA gradients, the local and
 global shape of every packed tensor, the tensor bytes this rank read from the checkpoint) and OUT/adapter (rank 0,
-PEFT format).
+PEFT format). The same step again with the fast path's lean LoRA (`fast_lora.speed_up_lora`, dequantising from the
+gathered tensors in forward and backward), after what `enable_fast_training` does first on shards (one token through
+the root, then one layer run alone, as its planner measures it): OUT/results-lean-<rank>.pt (loss, LoRA gradients).
 
 --resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
 OUT/whole trains 2 steps; OUT/cut, its directory as
@@ -33,6 +35,8 @@ from torch.distributed.tensor import DTensor
 
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import load_model
+from finetune.gpu.fast_lora import speed_up_lora
+from finetune.gpu.fast_training import decoder_layers, gathered_layer_bytes, rotary_embedding, settle_sharded_root
 from finetune.training.fsdp import full_adapter_state, shard_model
 
 
@@ -50,30 +54,42 @@ def lora_model(checkpoint: str, sharded: bool) -> torch.nn.Module:
     return model.train()
 
 
+def shard(accelerator: Accelerator, model: torch.nn.Module) -> int:
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT")
+    return shard_model(accelerator, model)
+
+
+def batch(model: torch.nn.Module, accelerator: Accelerator, sharded: bool) -> torch.Tensor:
+    """Two rows of 48 tokens; sharded, each rank its own row."""
+    tokens = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    return tokens[accelerator.process_index:][:1] if sharded else tokens
+
+
+def gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 def main(checkpoint: str, out: str, sharded: bool) -> None:
     out = Path(out)
     accelerator = Accelerator(cpu=True)  # under torchrun: gloo process group of WORLD_SIZE ranks
     model = lora_model(checkpoint, sharded)
     bytes_read = {"dense": model.get_base_model().gptq_bytes_read}
     if sharded:
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-            state_dict_type="SHARDED_STATE_DICT")
-        bytes_read["packed"] = shard_model(accelerator, model)
+        bytes_read["packed"] = shard(accelerator, model)
     # FSDP units: each decoder layer (LoRA inside), the embedding, the output tail, the root
     units = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
     shapes = {name: (tuple(p.to_local().shape), tuple(p.shape)) for name, p in model.named_parameters()
               if name.rsplit(".", 1)[-1] in PACKED_TENSORS and isinstance(p, DTensor)}
-    tokens = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    if sharded:
-        tokens = tokens[accelerator.process_index:][:1]
+    tokens = batch(model, accelerator, sharded)
     # SGD: a step in proportion to the gradient, so the adapters differ by its rounding only (AdamW's first step
     # divides by |gradient| and would magnify the rounding of near-zero gradients)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
     loss.backward()
-    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for name, p in model.named_parameters() if p.requires_grad}
+    grads = gathered_grads(model)
     optimizer.step()
     state = full_adapter_state(model) if sharded else None  # every rank gathers; rank 0 saves
     if accelerator.is_main_process:
@@ -81,6 +97,29 @@ def main(checkpoint: str, out: str, sharded: bool) -> None:
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean") if sharded else loss.detach()
     torch.save({"loss": mean_loss.item(), "grads": grads, "shapes": shapes, "units": units, "bytes_read": bytes_read},
                out / f"results-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def lean_step(checkpoint: str, out: str, sharded: bool) -> None:
+    accelerator = Accelerator(cpu=True)
+    model = lora_model(checkpoint, sharded)
+    speed_up_lora(model)
+    if sharded:
+        shard(accelerator, model)
+        settle_sharded_root(model, torch.device("cpu"))
+    # one layer alone, forward and input gradient, as fast_training.measure_layer runs it before training
+    layer, rotary = decoder_layers(model)[1], rotary_embedding(model)
+    hidden = torch.randn(1, 16, model.config.hidden_size, requires_grad=True)
+    position_ids = torch.arange(16)[None]
+    out_hidden = layer(hidden, position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)
+    torch.autograd.grad(out_hidden, hidden, torch.randn_like(out_hidden))
+    tokens = batch(model, accelerator, sharded)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    mean_loss = accelerator.reduce(loss.detach(), reduction="mean") if sharded else loss.detach()
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # a DTensor's numel is the whole one
+    torch.save({"loss": mean_loss.item(), "grads": gathered_grads(model), "gathered_bytes": gathered_layer_bytes(layer),
+                "layer_bytes": layer_bytes}, Path(out) / f"results-lean-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
 
 
@@ -129,6 +168,7 @@ if __name__ == "__main__":
     if "--resume" in sys.argv[3:]:
         select_fsdp_on_cpu()
     main(sys.argv[1], sys.argv[2], "--fsdp" in sys.argv[3:])
+    lean_step(sys.argv[1], sys.argv[2], "--fsdp" in sys.argv[3:])
     if "--resume" in sys.argv[3:]:  # in the same processes: the imports and the process group once
         train_and_resume(sys.argv[1], sys.argv[2])
     PartialState().destroy_process_group()

@@ -40,8 +40,9 @@ def checkpoint(tmp_path_factory):
 
 
 def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
-    """One step of the same batch (split between the ranks) sharded and not; then train.py's own run sharded, cut
-    and resumed (same processes: the imports and the process group paid once)."""
+    """One step of the same batch (split between the ranks) sharded and not, with PEFT's LoRA forward and with the
+    fast path's lean one; then train.py's own run sharded, cut and resumed (same processes: the imports and the
+    process group paid once)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -58,6 +59,18 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
     for rank in ranks:
         assert rank["grads"].keys() == single["grads"].keys() and len(single["grads"]) == 2 * 7 * TINY.num_hidden_layers
         for name, grad in single["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    # the fast path's lean LoRA on the shards, after its planner's one-layer measurement: the same loss and gradients
+    lean_single, lean_ranks = torch.load(one / "results-lean-0.pt"), [torch.load(two / f"results-lean-{r}.pt")
+                                                                      for r in (0, 1)]
+    assert lean_ranks[0]["loss"] == pytest.approx(lean_single["loss"], rel=1e-6)
+    assert lean_single["loss"] == pytest.approx(single["loss"], rel=1e-5)  # the lean forward is PEFT's LoRA
+    # what the fast path's plan adds per gathered layer: the layer whole when sharded, nothing on one process
+    assert lean_single["gathered_bytes"] == 0
+    assert [rank["gathered_bytes"] for rank in lean_ranks] == [lean_single["layer_bytes"]] * 2
+    for rank in lean_ranks:
+        assert rank["grads"].keys() == single["grads"].keys()
+        for name, grad in lean_single["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
     layers = [f"base_model.model.model.layers.{i}" for i in range(TINY.num_hidden_layers)]
     assert ranks[0]["units"] == sorted(["", "base_model.model.lm_head", "base_model.model.model.embed_tokens",
@@ -137,6 +150,19 @@ def test_a_cap_below_the_sharded_plan_fails_before_loading(checkpoint, tmp_path,
                                           r"needs sharded over 1 GPUs at train.max_length=4096 \(estimate\); use more "
                                           "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap$"):
         sft.prepare(cfg)
+
+
+def test_a_cap_that_fits_only_the_plain_path_names_it_before_loading():
+    """The fast path keeps 2 GiB of headroom beyond the estimate (its plan's margin): a cap between the two names
+    gpu.fast_path=false, which fits; a cap above both passes."""
+    from finetune.training.fsdp import check_memory_cap
+    check_memory_cap(23.5, 24, 2, 1024)  # the plain path: fits
+    with pytest.raises(RecipeError, match=r"^gpu.memory_budget_gib=24 is below the ~25\.5 GiB per GPU the fast path "
+                                          r"plans for sharded over 2 GPUs at train.max_length=1024 \(estimate\); pass "
+                                          r"gpu.fast_path=false \(every layer recomputed, ~23\.5 GiB\) or raise the "
+                                          r"cap$"):
+        check_memory_cap(23.5, 24, 2, 1024, fast_path=True)
+    check_memory_cap(28.3, 40, 2, 4096, fast_path=True)
 
 
 def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
