@@ -100,7 +100,8 @@ def peer_case(spec: dict) -> dict:
     trainer = SFTTrainer(model=model, args=sft.sft_config(cfg, out), train_dataset=prepared.dataset,
                          processing_class=tokenizer, peft_config=sft.lora_config(cfg, model, added),
                          callbacks=[report])
-    trainer.train()
+    with report.timing_gc():
+        trainer.train()
     return {"speed": report.speed}
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -66,10 +67,16 @@ class RunReport(TrainerCallback):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.fast_path = getattr(base, "fast_training_report", None)
         self.last_log = (time.perf_counter(), 0)
-        gc.callbacks.append(self.time_gc)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        gc.callbacks.remove(self.time_gc)
+    @contextmanager
+    def timing_gc(self):
+        """Around `trainer.train()`: each step's "gc_s" is the collector's time in it. The timer leaves
+        gc.callbacks when training ends, however it ends (the Trainer's on_train_end does not run after an error)."""
+        gc.callbacks.append(self.time_gc)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(self.time_gc)
 
     def time_gc(self, phase: str, info: dict) -> None:
         if phase == "start":

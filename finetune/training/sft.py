@@ -302,7 +302,7 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
             else:
                 trainer.model.load_adapter(str(prepared.resume_from), trainer.model.active_adapter, is_trainable=True)
         else:
-            with frozen_heap() as freeze:
+            with frozen_heap() as freeze, report.timing_gc():
                 trainer.add_callback(freeze)
                 trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
         save_adapter(trainer, run_dir)

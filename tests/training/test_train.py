@@ -202,6 +202,25 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_trained):
     assert (mixed[second] - alone).abs().max() > 1e-3
 
 
+def test_gc_timer_counts_collections_and_leaves_when_training_raises(tmp_path):
+    """RunReport.timing_gc: the collector's seconds go into the next step's gc_s, and the timer is gone from
+    gc.callbacks after a training that raised (the Trainer's on_train_end does not run then)."""
+    import gc
+
+    from finetune.training.run_report import RunReport
+    report = RunReport(tmp_path, {}, title="t")
+    with pytest.raises(RuntimeError, match="stopped"), report.timing_gc():
+        assert report.time_gc in gc.callbacks
+        for _ in range(3):
+            gc.collect()
+        raise RuntimeError("stopped")
+    assert report.time_gc not in gc.callbacks
+    collected = report.gc_s
+    assert collected > 0 and report.step_speed(1, None)["gc_s"] == round(collected, 3)
+    gc.collect()  # the timer is off: nothing more is counted
+    assert report.gc_s == 0
+
+
 def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end():
     """The collector's full passes skip the heap alive at training start and after each warm-up step; objects
     made later stay collectable; nothing stays frozen once training ends, even when it ends in an error."""
