@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from .format import GPTQConfig, read_gptq_config
 from .loader import open_safetensors, resolve_source, weight_files
-from .memory import ModelShape, estimate_lora_training_memory
+from .memory import FAST_PATH_HEADROOM_BYTES, GIB, ModelShape, estimate_lora_training_memory
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -101,6 +101,10 @@ def format_report(info: CheckpointInfo, seq_len: int, lora_r: int, gpus: int = 1
     lines.append(f"  estimated GPU memory to LoRA-train (r={lora_r}, seq {seq_len}, bf16, gradient checkpointing{plan}):")
     lines += [f"    {term:<28} {gib:7.2f} GiB" for term, gib in info.memory_gib.items() if term != "total"]
     lines.append(f"    {'total':<28} {info.memory_gib['total']:7.2f} GiB")
+    if gpus > 1:  # the check before loading refuses a gpu.memory_budget_gib below this with the fast path on
+        headroom = FAST_PATH_HEADROOM_BYTES / GIB
+        lines.append(f"    {'with the fast GPU path':<28} {info.memory_gib['total'] + headroom:7.2f} GiB "
+                     f"(+{headroom:g} GiB headroom; gpu.fast_path=false needs the total)")
     return "\n".join(lines)
 
 

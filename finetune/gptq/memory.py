@@ -17,6 +17,9 @@ from dataclasses import dataclass
 GIB = 1024 ** 3
 LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, its gradient, AdamW's two moments
 RUNTIME_OVERHEAD_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspaces, allocator slack
+# What the fast GPU path (finetune.gpu.fast_training) keeps free beyond its measured plan: loss head, allocator slack.
+# Here, with the estimate, so that the checks before loading and describe.py can add it.
+FAST_PATH_HEADROOM_BYTES = 2 * GIB
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
+from ..gptq.memory import FAST_PATH_HEADROOM_BYTES
 from .fast_lora import speed_up_lora
 from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
 
 GIB = 2 ** 30
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
-MARGIN_BYTES = 2 * GIB  # loss head, allocator slack
+MARGIN_BYTES = FAST_PATH_HEADROOM_BYTES  # loss head, allocator slack
 
 
 def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_gib: float | None = None,

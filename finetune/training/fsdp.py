@@ -67,7 +67,7 @@ def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin) -> None:
 def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_length: int,
                      fast_path: bool = False) -> None:
     """A cap (gpu.memory_budget_gib) below the sharded plan's estimated per-GPU peak fails before loading; with the
-    fast path, below that peak plus the headroom its recompute plan keeps (fast_training.MARGIN_BYTES), which the
+    fast path, below that peak plus the headroom its recompute plan keeps (FAST_PATH_HEADROOM_BYTES), which the
     plain path does without."""
     if cap_gib is None:
         return
@@ -75,8 +75,8 @@ def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_l
         raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{per_gpu_gib:.1f} GiB per GPU this model "
                           f"needs sharded over {gpus} GPUs at train.max_length={max_length} (estimate); use more "
                           "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap")
-    from ..gpu.fast_training import GIB, MARGIN_BYTES
-    with_margin = per_gpu_gib + MARGIN_BYTES / GIB
+    from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
+    with_margin = per_gpu_gib + FAST_PATH_HEADROOM_BYTES / GIB
     if fast_path and with_margin > cap_gib:
         raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{with_margin:.1f} GiB per GPU the fast path "
                           f"plans for sharded over {gpus} GPUs at train.max_length={max_length} (estimate); pass "

@@ -179,6 +179,8 @@ def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
                              "--seq-len", "512"], capture_output=True, text=True, check=True).stdout
     assert "gradient checkpointing, per GPU of 2 sharded with FSDP2):" in report
     assert f"{'total':<28} {two['total']:7.2f} GiB" in report
+    assert (f"{'with the fast GPU path':<28} {two['total'] + 2:7.2f} GiB (+2 GiB headroom; gpu.fast_path=false needs "
+            "the total)") in report
 
 
 def test_integers_held_as_float_bits_read_back_unchanged(checkpoint):
