@@ -25,13 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
-from ..gptq.memory import FAST_PATH_HEADROOM_BYTES
+from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
 from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
 
-GIB = 2 ** 30
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
-MARGIN_BYTES = FAST_PATH_HEADROOM_BYTES  # loss head, allocator slack
 
 
 def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_gib: float | None = None,
@@ -93,7 +91,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
                   recompute=len(layers) - plan.keep - plan.host, offload=plan.offload,
                   budget_gib=round(budget / GIB, 1), model_gib=round(static / GIB, 1),
                   sharded_layer_gib=round(gathered / GIB, 2),
-                  planned_peak_gib=round((static + MARGIN_BYTES + plan.bytes) / GIB, 1),
+                  planned_peak_gib=round((static + FAST_PATH_HEADROOM_BYTES + plan.bytes) / GIB, 1),
                   host_gib=round(plan.host * sizes[1] / GIB, 1), pinned_gib=round(hooks.pinned_bytes / GIB, 1),
                   host_share=round(host_share, 2),
                   layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
@@ -183,10 +181,10 @@ def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_
     state take `static_bytes`; a budget that fits no plan is an error naming the smallest one that does."""
     try:
         return plan_recompute(n_layers, input_bytes, saved_bytes, backward_bytes,
-                              free_bytes=budget_bytes - static_bytes - MARGIN_BYTES, host_bytes=host_bytes,
+                              free_bytes=budget_bytes - static_bytes - FAST_PATH_HEADROOM_BYTES, host_bytes=host_bytes,
                               host_share=host_share)
     except BudgetTooSmall as err:
-        smallest = math.ceil((static_bytes + MARGIN_BYTES + err.free_bytes_needed) / GIB * 10) / 10
+        smallest = math.ceil((static_bytes + FAST_PATH_HEADROOM_BYTES + err.free_bytes_needed) / GIB * 10) / 10
         raise ValueError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
                          f"model takes {static_bytes / GIB:.1f} GiB and {err}; the smallest budget that fits is "
                          f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)") from None

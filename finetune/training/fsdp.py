@@ -27,6 +27,7 @@ from accelerate import PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
 from ..config.recipe import RecipeError
+from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 
 FIX = "see accelerate_fsdp.yaml"
 
@@ -75,7 +76,6 @@ def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_l
         raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{per_gpu_gib:.1f} GiB per GPU this model "
                           f"needs sharded over {gpus} GPUs at train.max_length={max_length} (estimate); use more "
                           "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap")
-    from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
     with_margin = per_gpu_gib + FAST_PATH_HEADROOM_BYTES / GIB
     if fast_path and with_margin > cap_gib:
         raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{with_margin:.1f} GiB per GPU the fast path "
