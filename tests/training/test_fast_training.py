@@ -144,6 +144,39 @@ def test_dropout_kernel_draws_the_same_mask_for_the_same_seed_in_interpreter():
     assert result.stdout.split() == ["0.75", "True"]  # keeps 1 - p; another seed, another mask
 
 
+@pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_dropout_matmul_kernels_equal_the_unfused_dropout_in_interpreter():
+    """fp32: LoRA-A's three matmuls with the mask drawn inside them equal `drop_triton` then the plain matmul (the
+    same elements dropped), on shapes that are not multiples of the blocks, for a rank of 16, a smaller one (padded
+    to tl.dot's 16) and one not a power of two; another seed drops other elements."""
+    result = run_python("""
+        import torch
+        from finetune.gpu.dropout_matmul import add_dropped_input_grad, dropped_matmul, dropped_weight_grad
+        from finetune.gpu.seeded_dropout import drop_triton
+        generator = torch.Generator().manual_seed(0)
+        close = dict(rtol=1e-5, atol=1e-5)  # tl.dot sums in its own order
+        p, seed = 0.25, 2 ** 40 + 7
+        for t, k, r in ((37, 300, 16), (37, 300, 8), (150, 130, 12)):
+            x, a, grad_x = (torch.randn(shape, generator=generator) for shape in ((t, k), (r, k), (t, k)))
+            grad_xa = torch.randn(t, r, generator=generator)
+            x_dropped, update = drop_triton(x, p, seed), drop_triton(grad_xa @ a, p, seed)
+            torch.testing.assert_close(dropped_matmul(x, p, seed, a), x_dropped @ a.t(), **close)
+            torch.testing.assert_close(dropped_weight_grad(grad_xa, x, p, seed), grad_xa.t() @ x_dropped, **close)
+            torch.testing.assert_close(add_dropped_input_grad(None, grad_xa, a, p, seed), update, **close)
+            summed = add_dropped_input_grad(grad_x, grad_xa, a, p, seed)
+            torch.testing.assert_close(summed, grad_x + update, **close)
+            in_place = grad_x.clone()
+            assert add_dropped_input_grad(in_place, grad_xa, a, p, seed, out=in_place) is in_place
+            assert torch.equal(in_place, summed)
+            others = (dropped_matmul(x, p, seed + 1, a), dropped_weight_grad(grad_xa, x, p, seed + 1),
+                      add_dropped_input_grad(grad_x, grad_xa, a, p, seed + 1))
+            print(all((other - same).abs().max().item() > 1e-2 for other, same in
+                      zip(others, (x_dropped @ a.t(), grad_xa.t() @ x_dropped, summed))))
+        """, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"] * 3
+
+
 def test_lora_the_lean_path_cannot_take_is_counted_with_its_reason(checkpoint):
     model = lora_model(checkpoint, dropout=0.1)
     mlp = model.get_base_model().model.layers[0].mlp

@@ -1,0 +1,124 @@
+"""LoRA-A's three matmuls with the dropout mask drawn inside them (CUDA; the CPU runs them under TRITON_INTERPRET=1).
+
+With dropout, each projection's LoRA-A multiplies a dropped copy of its input: forward `drop(x) @ A.t()`, backward
+`dx += drop(dxa @ A)` and `dA = dxa.t() @ drop(x)`. Unfused, each `drop` writes a full [tokens, in] tensor (in is
+8,192 or 28,672 at 70B) that the skinny rank-16 matmul then reads again, and `dx` adds a full matmul output, a
+dropout pass and an add: ~0.2 s of a 2.4 s step at 70B. Here each is one kernel that reads the wide tensor once
+and draws the mask in registers exactly as `seeded_dropout._drop_kernel` does: `tl.rand(seed, offset) >= p`,
+offset the element's flat row-major index in the contiguous [T, K] tensor (int64). So every kernel drops the
+same elements as `drop` for the same seed and shape, and the forward and backward agree with each other.
+
+Products accumulate in fp32 (tl.dot; "ieee" for fp32 inputs, as torch's fp32 matmul, not TF32). The rank r is
+padded to a power of two of at least 16 (tl.dot's smallest block) and masked. Tiles hold 4,096 elements of the
+wide tensor, as `drop`'s blocks do.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only CUDA tensors use the kernels
+    triton = None
+
+
+def _options(x: torch.Tensor, r: int) -> dict:
+    return {"BLOCK_R": max(16, triton.next_power_of_2(r)),
+            "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}  # tf32: unused by bf16 / fp16 inputs
+
+
+def dropped_matmul(x: torch.Tensor, p: float, seed: int, a: torch.Tensor) -> torch.Tensor:
+    """drop(x, p, seed) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. One program per 32 rows."""
+    x, a = x.contiguous(), a.contiguous()
+    (t, k), r = x.shape, a.shape[0]
+    out = torch.empty(t, r, dtype=x.dtype, device=x.device)
+    _dropped_matmul_kernel[(triton.cdiv(t, 32),)](x, a, out, t, k, r, p, seed, BLOCK_T=32, BLOCK_K=128,
+                                                  **_options(x, r))
+    return out
+
+
+def dropped_weight_grad(grad_xa: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """grad_xa.t() @ drop(x, p, seed) for grad_xa [T, r] and x [T, K]: A's gradient, [r, K] in x's dtype. One
+    program per 64 columns."""
+    grad_xa, x = grad_xa.contiguous(), x.contiguous()
+    (t, k), r = x.shape, grad_xa.shape[1]
+    out = torch.empty(r, k, dtype=x.dtype, device=x.device)
+    _dropped_weight_grad_kernel[(triton.cdiv(k, 64),)](grad_xa, x, out, t, k, r, p, seed, BLOCK_T=64, BLOCK_K=64,
+                                                       **_options(x, r))
+    return out
+
+
+def add_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a: torch.Tensor, p: float,
+                           seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_x + drop(grad_xa @ a, p, seed) for grad_xa [T, r] and a [r, K] (grad_x None: zero), written into out:
+    a new tensor where out is None, grad_x itself (contiguous) to add in place. One program per 64 x 64 tile."""
+    grad_xa, a = grad_xa.contiguous(), a.contiguous()
+    (t, r), k = grad_xa.shape, a.shape[1]
+    if grad_x is not None:
+        grad_x = grad_x.contiguous()
+    if out is None:
+        out = torch.empty(t, k, dtype=grad_xa.dtype if grad_x is None else grad_x.dtype, device=grad_xa.device)
+    assert out.is_contiguous() and out.shape == (t, k)
+    _add_dropped_input_grad_kernel[(triton.cdiv(t, 64), triton.cdiv(k, 64))](
+        out if grad_x is None else grad_x, grad_xa, a, out, t, k, r, p, seed, HAS_ADD=grad_x is not None,
+        BLOCK_T=64, BLOCK_K=64, **_options(grad_xa, r))
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(rows, cols, T, K):
+        """(flat offsets, inside) of the [rows, cols] tile of a contiguous [T, K] tensor; rows int64."""
+        return rows[:, None] * K + cols[None, :], (rows[:, None] < T) & (cols[None, :] < K)
+
+    @triton.jit
+    def _dropped_tile(x_ptr, rows, cols, T, K, p, seed):
+        """x[rows, cols] with `drop`'s mask: the same Philox draw at the same flat offsets."""
+        offsets, inside = _tile(rows, cols, T, K)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        return tl.where(tl.rand(seed, offsets) >= p, x, 0.0).to(x.dtype)
+
+    @triton.jit
+    def _dropped_matmul_kernel(x_ptr, a_ptr, out_ptr, T, K, R, p, seed, BLOCK_T: tl.constexpr,
+                               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ranks = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
+                          other=0.0)  # [BLOCK_K, BLOCK_R] of a.t()
+            acc = tl.dot(_dropped_tile(x_ptr, rows, cols, T, K, p, seed), a_t, acc, input_precision=PRECISION)
+        tl.store(out_ptr + rows[:, None] * R + ranks[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < T) & (ranks[None, :] < R))
+
+    @triton.jit
+    def _dropped_weight_grad_kernel(g_ptr, x_ptr, out_ptr, T, K, R, p, seed, BLOCK_T: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ranks = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for start in range(0, T, BLOCK_T):
+            rows = (start + tl.arange(0, BLOCK_T)).to(tl.int64)
+            g_t = tl.load(g_ptr + rows[None, :] * R + ranks[:, None], mask=(ranks[:, None] < R) & (rows[None, :] < T),
+                          other=0.0)  # [BLOCK_R, BLOCK_T] of grad_xa.t()
+            acc = tl.dot(g_t, _dropped_tile(x_ptr, rows, cols, T, K, p, seed), acc, input_precision=PRECISION)
+        tl.store(out_ptr + ranks[:, None] * K + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+    @triton.jit
+    def _add_dropped_input_grad_kernel(add_ptr, g_ptr, a_ptr, out_ptr, T, K, R, p, seed, HAS_ADD: tl.constexpr,
+                                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                                       PRECISION: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ranks = tl.arange(0, BLOCK_R)
+        g = tl.load(g_ptr + rows[:, None] * R + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < R),
+                    other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
+                    other=0.0)
+        offsets, inside = _tile(rows, cols, T, K)
+        update = tl.where(tl.rand(seed, offsets) >= p, tl.dot(g, a, input_precision=PRECISION), 0.0)
+        if HAS_ADD:
+            update += tl.load(add_ptr + offsets, mask=inside).to(tl.float32)
+        tl.store(out_ptr + offsets, update.to(out_ptr.dtype.element_ty), mask=inside)
