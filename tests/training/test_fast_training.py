@@ -101,8 +101,27 @@ class SameMaskDropout(torch.nn.Dropout):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpoint, device):
     """fp32: PEFT's own LoRA forward and backward, its dropout modules drawing the lean path's masks, against the
-    lean path (which keeps no mask and draws it again in the backward: on CUDA with the Triton kernel), with every
-    layer kept and with every layer recomputed (the recompute draws its masks once more)."""
+    lean path (which keeps no mask and draws it again in the backward: on CUDA inside LoRA-A's matmuls, by the
+    `dropout_matmul` kernels), with every layer kept and with every layer recomputed (the recompute draws its masks
+    once more)."""
+    assert_lean_dropout_gives_peft_gradients(checkpoint, device)
+
+
+@pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_lean_lora_with_dropout_kernels_gives_peft_gradients_in_interpreter(checkpoint):
+    """The test above through the CUDA path's code, on the CPU: the `dropout_matmul` kernels in Triton's
+    interpreter, both paths drawing `drop_triton`'s masks."""
+    result = run_python(f"""
+        from finetune.gpu import fast_lora, seeded_dropout
+        from tests.training.test_fast_training import assert_lean_dropout_gives_peft_gradients
+        seeded_dropout.drop = fast_lora.drop = seeded_dropout.drop_triton  # the CUDA masks, for PEFT's path too
+        fast_lora.fused = lambda x, dropout: dropout is not None
+        assert_lean_dropout_gives_peft_gradients({str(checkpoint)!r}, "cpu")
+        """, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def assert_lean_dropout_gives_peft_gradients(checkpoint, device):
     tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(device)
     reference_model = lora_model(checkpoint, device, dropout=0.1, dtype=torch.float32)
     for module in reference_model.modules():
