@@ -9,8 +9,9 @@ offset the element's flat row-major index in the contiguous [T, K] tensor (int64
 same elements as `drop` for the same seed and shape, and the forward and backward agree with each other.
 
 Products accumulate in fp32 (tl.dot; "ieee" for fp32 inputs, as torch's fp32 matmul, not TF32). The rank r is
-padded to a power of two of at least 16 (tl.dot's smallest block) and masked. Tiles hold 4,096 elements of the
-wide tensor, as `drop`'s blocks do.
+padded to a power of two of at least 16 (tl.dot's smallest block) and masked. A rank-16 output has too few tiles
+to fill the GPU, so the forward and A's gradient also split the dimension they sum over into chunks, one program
+each, and add the chunks' fp32 partial products after (a few MB).
 """
 
 import torch
@@ -27,31 +28,53 @@ def _options(x: torch.Tensor, r: int) -> dict:
             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}  # tf32: unused by bf16 / fp16 inputs
 
 
+# (rows, columns, warps) of each kernel's tile; timed at 70B's shapes on an H200 (eval/BENCHMARKS.md).
+FORWARD_TILE = (64, 64, 4)
+WEIGHT_GRAD_TILE = (64, 64, 4)
+INPUT_GRAD_TILE = (64, 64, 4)
+
+
+def _splits(tiles: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): the reduced dimension of `length` cut into `splits` chunks of `chunk` (a multiple of block)
+    so that tiles × splits programs fill the GPU about four times over; rank-16 outputs give too few tiles alone."""
+    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, tiles) \
+        if device.type == "cuda" else 2  # the interpreter: two, so the tests cross a chunk boundary
+    chunk = triton.cdiv(triton.cdiv(length, max(1, min(wanted, triton.cdiv(length, block)))), block) * block
+    return triton.cdiv(length, chunk), chunk
+
+
 def dropped_matmul(x: torch.Tensor, p: float, seed: int, a: torch.Tensor) -> torch.Tensor:
-    """drop(x, p, seed) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. One program per 32 rows."""
+    """drop(x, p, seed) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. Programs over (row tiles, K
+    chunks), their fp32 partial products summed after."""
     x, a = x.contiguous(), a.contiguous()
     (t, k), r = x.shape, a.shape[0]
-    out = torch.empty(t, r, dtype=x.dtype, device=x.device)
-    _dropped_matmul_kernel[(triton.cdiv(t, 32),)](x, a, out, t, k, r, p, seed, BLOCK_T=32, BLOCK_K=128,
-                                                  **_options(x, r))
-    return out
+    block_t, block_k, warps = FORWARD_TILE
+    splits, chunk = _splits(triton.cdiv(t, block_t), k, block_k, x.device)
+    partial = torch.empty(splits, t, r, dtype=torch.float32, device=x.device)
+    _dropped_matmul_kernel[(triton.cdiv(t, block_t), splits)](x, a, partial, t, k, r, p, seed, chunk,
+                                                             BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps,
+                                                             **_options(x, r))
+    return partial.sum(0).to(x.dtype)
 
 
 def dropped_weight_grad(grad_xa: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """grad_xa.t() @ drop(x, p, seed) for grad_xa [T, r] and x [T, K]: A's gradient, [r, K] in x's dtype. One
-    program per 64 columns."""
+    """grad_xa.t() @ drop(x, p, seed) for grad_xa [T, r] and x [T, K]: A's gradient, [r, K] in x's dtype.
+    Programs over (column tiles, T chunks), their fp32 partial products summed after."""
     grad_xa, x = grad_xa.contiguous(), x.contiguous()
     (t, k), r = x.shape, grad_xa.shape[1]
-    out = torch.empty(r, k, dtype=x.dtype, device=x.device)
-    _dropped_weight_grad_kernel[(triton.cdiv(k, 64),)](grad_xa, x, out, t, k, r, p, seed, BLOCK_T=64, BLOCK_K=64,
-                                                       **_options(x, r))
-    return out
+    block_t, block_k, warps = WEIGHT_GRAD_TILE
+    splits, chunk = _splits(triton.cdiv(k, block_k), t, block_t, x.device)
+    partial = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    _dropped_weight_grad_kernel[(triton.cdiv(k, block_k), splits)](grad_xa, x, partial, t, k, r, p, seed, chunk,
+                                                                   BLOCK_T=block_t, BLOCK_K=block_k,
+                                                                   num_warps=warps, **_options(x, r))
+    return partial.sum(0).to(x.dtype)
 
 
 def add_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a: torch.Tensor, p: float,
                            seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """grad_x + drop(grad_xa @ a, p, seed) for grad_xa [T, r] and a [r, K] (grad_x None: zero), written into out:
-    a new tensor where out is None, grad_x itself (contiguous) to add in place. One program per 64 x 64 tile."""
+    a new tensor where out is None, grad_x itself (contiguous) to add in place. One program per tile."""
     grad_xa, a = grad_xa.contiguous(), a.contiguous()
     (t, r), k = grad_xa.shape, a.shape[1]
     if grad_x is not None:
@@ -59,9 +82,10 @@ def add_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a
     if out is None:
         out = torch.empty(t, k, dtype=grad_xa.dtype if grad_x is None else grad_x.dtype, device=grad_xa.device)
     assert out.is_contiguous() and out.shape == (t, k)
-    _add_dropped_input_grad_kernel[(triton.cdiv(t, 64), triton.cdiv(k, 64))](
+    block_t, block_k, warps = INPUT_GRAD_TILE
+    _add_dropped_input_grad_kernel[(triton.cdiv(t, block_t), triton.cdiv(k, block_k))](
         out if grad_x is None else grad_x, grad_xa, a, out, t, k, r, p, seed, HAS_ADD=grad_x is not None,
-        BLOCK_T=64, BLOCK_K=64, **_options(grad_xa, r))
+        BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps, **_options(grad_xa, r))
     return out
 
 
@@ -79,31 +103,33 @@ if triton is not None:
         return tl.where(tl.rand(seed, offsets) >= p, x, 0.0).to(x.dtype)
 
     @triton.jit
-    def _dropped_matmul_kernel(x_ptr, a_ptr, out_ptr, T, K, R, p, seed, BLOCK_T: tl.constexpr,
+    def _dropped_matmul_kernel(x_ptr, a_ptr, partial_ptr, T, K, R, p, seed, chunk, BLOCK_T: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         ranks = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
+        first = tl.program_id(1) * chunk
+        for start in range(first, tl.minimum(first + chunk, K), BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
                           other=0.0)  # [BLOCK_K, BLOCK_R] of a.t()
             acc = tl.dot(_dropped_tile(x_ptr, rows, cols, T, K, p, seed), a_t, acc, input_precision=PRECISION)
-        tl.store(out_ptr + rows[:, None] * R + ranks[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * T * R + rows[:, None] * R + ranks[None, :], acc,
                  mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
     @triton.jit
-    def _dropped_weight_grad_kernel(g_ptr, x_ptr, out_ptr, T, K, R, p, seed, BLOCK_T: tl.constexpr,
+    def _dropped_weight_grad_kernel(g_ptr, x_ptr, partial_ptr, T, K, R, p, seed, chunk, BLOCK_T: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         ranks = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for start in range(0, T, BLOCK_T):
+        first = tl.program_id(1) * chunk
+        for start in range(first, tl.minimum(first + chunk, T), BLOCK_T):
             rows = (start + tl.arange(0, BLOCK_T)).to(tl.int64)
             g_t = tl.load(g_ptr + rows[None, :] * R + ranks[:, None], mask=(ranks[:, None] < R) & (rows[None, :] < T),
                           other=0.0)  # [BLOCK_R, BLOCK_T] of grad_xa.t()
             acc = tl.dot(g_t, _dropped_tile(x_ptr, rows, cols, T, K, p, seed), acc, input_precision=PRECISION)
-        tl.store(out_ptr + ranks[:, None] * K + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
                  mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
     @triton.jit
