@@ -96,8 +96,9 @@ def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
 # (`dropout_matmul`), as its unfused form would draw it; elsewhere the unfused form itself.
 
 def fused(x: torch.Tensor, dropout: Dropout) -> bool:
-    """Whether the kernels take x's dropout (a test runs them on the CPU in Triton's interpreter by patching this)."""
-    return dropout is not None and x.is_cuda
+    """Whether the kernels take x's dropout: on CUDA, rows a multiple of 4 long (`dropout_matmul`'s mask tiles);
+    a test runs them on the CPU in Triton's interpreter by patching this."""
+    return dropout is not None and x.is_cuda and x.shape[-1] % 4 == 0
 
 
 def dropped_matmul(x: torch.Tensor, dropout: Dropout, a: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """LoRA dropout that keeps no mask: `drop(x, p, seed)` is x times a 0/1 mask that is a function of (seed, shape,
 device) alone, so the backward draws the same mask again instead of keeping it.
 
-On CUDA one Triton pass draws the mask (Philox, `tl.rand(seed, element offset)`) and multiplies: x read once and
-written once. torch's `bernoulli_` + multiply wrote the mask and read it back, and did so three times per dropped
-tensor (forward, and the two uses in the backward): at 70B that was ~0.2 s of a 2.3 s step (profile_step on an
-H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded generator. The masks of the two devices
+On CUDA one Triton pass draws the mask and multiplies: x read once and written once. The mask (`kept`) takes four
+uniforms from each Philox call (`tl.rand4x`), one per element of four neighbours, rather than one call per element
+as `tl.rand` would: at 70B's shapes the draws, not the memory, bounded the pass. torch's `bernoulli_` + multiply
+wrote the mask and read it back, and did so three times per dropped tensor (forward, and the two uses in the
+backward): at 70B that was ~0.2 s of a 2.3 s step (profile_step on an H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded generator. The masks of the two devices
 differ; each device is self-consistent, which is all the backward needs.
 """
 
@@ -47,9 +48,18 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
+    def kept(seed, first, p, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """The [ROWS, COLS] tile of the mask whose row r starts at flat offset first[r] (first [ROWS, 1] int64, each
+        a multiple of 4): element at offset o is kept where the uniform of Philox counter o // 4, lane o % 4, is
+        >= p. Any kernel that draws a tile this way drops the same elements as `drop`."""
+        counters = first // 4 + tl.arange(0, COLS // 4)[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, COLS)) >= p
+
+    @triton.jit
     def _drop_kernel(x_ptr, out_ptr, n, p, seed, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        first = tl.full((1, 1), BLOCK, tl.int64) * tl.program_id(0)
+        offsets = first + tl.arange(0, BLOCK)[None, :]
         inside = offsets < n
         x = tl.load(x_ptr + offsets, mask=inside)
-        keep = tl.rand(seed, offsets) >= p
-        tl.store(out_ptr + offsets, tl.where(keep, x, 0.0).to(x.dtype), mask=inside)
+        tl.store(out_ptr + offsets, tl.where(kept(seed, first, p, 1, BLOCK), x, 0.0).to(x.dtype), mask=inside)
