@@ -5,8 +5,8 @@ PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters i
 - does the adapter math in the activation dtype (bf16; fp32 master weights, as autocast would);
 - applies LoRA dropout as PEFT does (a mask of its own per projection, 1/(1-p) folded into A), keeping no mask:
   it draws a seed from torch's CPU generator (which checkpointing and resume restore) and draws the mask again
-  from that seed in the backward (`seeded_dropout`); on CUDA the mask is drawn inside LoRA-A's three matmuls
-  (`dropout_matmul`), so no dropped copy of the input is written;
+  from that seed in the backward (`seeded_dropout`); on CUDA the input gradient's dropped LoRA-A product is drawn
+  and added in one kernel (`dropout_matmul`);
 - adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue), and in the backward adds the
   adapter's input gradient the same way (dx = addmm(dxa @ A, grad, W)): no separate bf16 add passes;
 - dequantises the GPTQ weight again in the backward rather than keeping it (as GPTQLinear does).
@@ -92,27 +92,10 @@ def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     return x if dropout is None else drop(x, *dropout)
 
 
-# LoRA-A's matmuls with dropout. On CUDA each is one Triton kernel drawing `drop`'s mask in registers
-# (`dropout_matmul`), as its unfused form would draw it; elsewhere the unfused form itself.
-
 def fused(x: torch.Tensor, dropout: Dropout) -> bool:
-    """Whether the kernels take x's dropout: on CUDA, rows a multiple of 4 long (`dropout_matmul`'s mask tiles);
-    a test runs them on the CPU in Triton's interpreter by patching this."""
+    """Whether `dropout_matmul`'s kernel adds the input gradient of x's dropout: on CUDA, rows a multiple of 4 long
+    (its mask tiles); a test runs it on the CPU in Triton's interpreter by patching this."""
     return dropout is not None and x.is_cuda and x.shape[-1] % 4 == 0
-
-
-def dropped_matmul(x: torch.Tensor, dropout: Dropout, a: torch.Tensor) -> torch.Tensor:
-    """dropped(x, dropout) @ a.t() for x [..., in]."""
-    if not fused(x, dropout):
-        return dropped(x, dropout) @ a.t()
-    return dropout_matmul.dropped_matmul(x.reshape(-1, x.shape[-1]), *dropout, a).view(*x.shape[:-1], -1)
-
-
-def dropped_weight_grad(grad_xa: torch.Tensor, x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
-    """grad_xa.t() @ dropped(x, dropout) flattened to [tokens, in]: A's gradient, grad_xa [tokens, rank]."""
-    if not fused(x, dropout):
-        return grad_xa.t() @ dropped(x, dropout).reshape(-1, x.shape[-1])
-    return dropout_matmul.dropped_weight_grad(grad_xa, x.reshape(-1, x.shape[-1]), *dropout)
 
 
 def plus_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a: torch.Tensor, dropout: Dropout,
@@ -160,7 +143,7 @@ class _LoraGPTQ(torch.autograd.Function):
         a_s, bs = weights[:len(layers)], weights[len(layers):]
         flat = x.reshape(-1, x.shape[-1])
         if any(dropouts):
-            xa = torch.cat([dropped_matmul(flat, d, a) for d, a in zip(dropouts, a_s)], dim=1)
+            xa = torch.cat([dropped(flat, d) @ a.t() for d, a in zip(dropouts, a_s)], dim=1)
         else:
             xa = flat @ (torch.cat(a_s) if len(a_s) > 1 else a_s[0]).t()
         outputs = []
@@ -181,7 +164,7 @@ class _LoraGPTQ(torch.autograd.Function):
             grad_x, grad_as = None, []
             for grad_xa, a, dropout in zip(grad_xas, a_s, ctx.dropouts):  # the forward's masks, drawn again
                 grad_x = plus_dropped_input_grad(grad_x, grad_xa, a, dropout, in_place=True)
-                grad_as.append(dropped_weight_grad(grad_xa, flat, dropout))
+                grad_as.append(grad_xa.t() @ dropped(flat, dropout))
         else:
             grad_xa = torch.cat(grad_xas, dim=1)
             grad_x = grad_xa @ torch.cat(a_s)
@@ -200,7 +183,7 @@ class _SwiGLULoraA(torch.autograd.Function):
         act = swiglu(gate, up)
         ctx.save_for_backward(gate, up, a)
         ctx.dropout = dropout
-        return act, dropped_matmul(act, dropout, a)
+        return act, dropped(act, dropout) @ a.t()
 
     @staticmethod
     def backward(ctx, grad_act: torch.Tensor, grad_act_a: torch.Tensor):
@@ -213,7 +196,7 @@ class _SwiGLULoraA(torch.autograd.Function):
             del act
             grad_act = torch.addmm(flat_grad_act, flat_grad_act_a, a)
         else:
-            grad_a = dropped_weight_grad(flat_grad_act_a, act, ctx.dropout)
+            grad_a = flat_grad_act_a.t() @ dropped(act, ctx.dropout).reshape(-1, act.shape[-1])
             del act
             # same elements: same mask; not in place: grad_act is autograd's, not this backward's
             grad_act = plus_dropped_input_grad(flat_grad_act, flat_grad_act_a, a, ctx.dropout, in_place=False)
