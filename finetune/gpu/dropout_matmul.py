@@ -34,7 +34,8 @@ def add_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a
     grad_xa, a = grad_xa.contiguous(), a.contiguous()
     (t, r), k = grad_xa.shape, a.shape[1]
     if k % 4:
-        raise ValueError(f"dropout_matmul needs rows a multiple of 4 long, got {k}: use seeded_dropout.drop and a matmul")
+        raise ValueError(f"dropout_matmul needs rows a multiple of 4 long, got {k}: "
+                         "use seeded_dropout.drop and a matmul")
     if grad_x is not None:
         grad_x = grad_x.contiguous()
     if out is None:

@@ -1,11 +1,12 @@
 """LoRA dropout that keeps no mask: `drop(x, p, seed)` is x times a 0/1 mask that is a function of (seed, shape,
 device) alone, so the backward draws the same mask again instead of keeping it.
 
-On CUDA one Triton pass draws the mask and multiplies: x read once and written once. The mask (`kept`) takes four
-uniforms from each Philox call (`tl.rand4x`), one per element of four neighbours, rather than one call per element
-as `tl.rand` would: at 70B's shapes the draws, not the memory, bounded the pass. torch's `bernoulli_` + multiply
-wrote the mask and read it back, and did so three times per dropped tensor (forward, and the two uses in the
-backward): at 70B that was ~0.2 s of a 2.3 s step (profile_step on an H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded generator. The masks of the two devices
+On CUDA one Triton pass draws the mask and multiplies: x read once and written once. torch's `bernoulli_` +
+multiply wrote the mask and read it back, three times per dropped tensor (forward, and the two uses in the
+backward): ~0.2 s of a 2.3 s step at 70B. The mask (`kept`) takes four uniforms from each Philox call
+(`tl.rand4x`), one per element of four neighbours, rather than one call per element as `tl.rand` would: the draws,
+not the memory, bounded the pass, and four per call halved LoRA dropout's time at 70B's shapes (H200,
+eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded generator. The masks of the two devices
 differ; each device is self-consistent, which is all the backward needs.
 """
 
