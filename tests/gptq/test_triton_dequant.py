@@ -39,8 +39,9 @@ def random_layer(in_features: int, out_features: int, config: GPTQConfig, seed: 
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's packages
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(REPO)} | env, check=False)
+                          env=os.environ | {"PYTHONPATH": path} | env, check=False)
 
 
 def test_imports_without_triton_and_says_what_is_missing():

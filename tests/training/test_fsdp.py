@@ -45,7 +45,8 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
     process group paid once)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(one)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
