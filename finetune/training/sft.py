@@ -121,13 +121,18 @@ def load_training_data(cfg: DictConfig) -> tuple[Dataset, dict]:
     return Dataset.from_list(examples), report
 
 
+def fast_path_runs(cfg: DictConfig) -> bool:
+    """Whether finetune.gpu.fast_training plans this run: gpu.fast_path on, and this process on a CUDA GPU."""
+    return bool(cfg.gpu.fast_path) and PartialState().device.type == "cuda"
+
+
 def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     """`train` as TRL's SFTConfig, plus what the code decides: the seed, ChatML's end of turn, the
     completion-only loss, and (unless `train` says otherwise) bf16 and pinned memory on GPU only."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     train.pop("dry_run")
     on_gpu = PartialState().device.type == "cuda"
-    if on_gpu and cfg.gpu.fast_path:  # finetune.gpu.fast_training plans recompute per layer and applies liger itself
+    if fast_path_runs(cfg):  # finetune.gpu.fast_training plans recompute per layer and applies liger itself
         train.update(activation_checkpointing=False, use_liger_kernel=False)
     try:
         # ddp_broadcast_buffers: the buffers (rotary tables) are identical on every GPU; no re-broadcast every step
@@ -186,8 +191,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     source = model_source(cfg)
     model_dir = check_model(cfg, source)
     if plugin is not None:
-        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes,
-                                  fast_path=cfg.gpu.fast_path and PartialState().device.type == "cuda")
+        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes, fast_path=fast_path_runs(cfg))
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
         check_answers_fit(cfg, dataset, model_dir)
@@ -241,7 +245,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
         fsdp.shard_model(trainer.accelerator, trainer.model)
         fsdp.gather_head_with_backbone(trainer.model)
-    if trainer.args.device.type == "cuda" and cfg.gpu.fast_path:
+    if fast_path_runs(cfg):
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
                                     memory_budget_gib=cfg.gpu.memory_budget_gib,

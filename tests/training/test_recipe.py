@@ -115,6 +115,14 @@ def test_multi_gpu_runs_do_not_rebroadcast_the_gptq_weights(tmp_path):
     assert sft.sft_config(cfg, tmp_path).ddp_broadcast_buffers is True  # the recipe may still ask for it
 
 
+def test_without_a_gpu_the_recipe_keeps_its_own_checkpointing(tmp_path):
+    # the fast path replaces train.activation_checkpointing only where it runs (a CUDA GPU); on the CPU the
+    # recipe's value stands, gpu.fast_path=true or not
+    cfg = compose_recipe("medqa", [f"output_dir={tmp_path}/run"])
+    assert cfg.gpu.fast_path and not sft.fast_path_runs(cfg)
+    assert sft.sft_config(cfg, tmp_path).activation_checkpointing is True
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_gpu_fast_path_without_the_gpu_extra_fails_before_loading():
     cfg = compose_recipe("smoke")
