@@ -6,8 +6,8 @@ multiply wrote the mask and read it back, three times per dropped tensor (forwar
 backward): ~0.2 s of a 2.3 s step at 70B. The mask (`kept`) takes four uniforms from each Philox call
 (`tl.rand4x`), one per element of four neighbours, rather than one call per element as `tl.rand` would: the draws,
 not the memory, bounded the pass, and four per call cut LoRA dropout's time at 70B's shapes by 40 % (4.20 to
-2.47 ms a decoder layer on an H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded generator. The masks of the two devices
-differ; each device is self-consistent, which is all the backward needs.
+2.47 ms a decoder layer on an H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded
+generator. The masks of the two devices differ; each device is self-consistent, which is all the backward needs.
 """
 
 import torch
