@@ -34,6 +34,7 @@ from finetune.config.files import hold_lock, lock_holder
 from finetune.config.recipe import RUN_LOCK, compose_recipe, last_checkpoint
 from finetune.models.cache import cache_key, cache_root, cached_dir
 from finetune.training import sft
+from tests.gptq.test_triton_dequant import pythonpath_with
 
 REPO = Path(__file__).resolve().parents[1]
 MAINS = {"train": train.main, "evaluate": evaluate.main, "export": export.main, "publish": publish.main,
@@ -311,8 +312,7 @@ def killer():
     # 3.11), and skips a module it cannot find: started with tests/ on PYTHONPATH it finds kill_points, instead of
     # every child importing it again (~8 s each on two cores).
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                                os.environ.get("PYTHONPATH")])))
+        patch.setenv("PYTHONPATH", pythonpath_with(Path(__file__).parent))
         multiprocessing.forkserver.ensure_running()
     return context
 

@@ -39,9 +39,13 @@ def random_layer(in_features: int, out_features: int, config: GPTQConfig, seed: 
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's packages
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": path} | env, check=False)
+                          env=os.environ | {"PYTHONPATH": pythonpath_with(REPO)} | env, check=False)
+
+
+def pythonpath_with(first: Path) -> str:
+    """PYTHONPATH for a child process: `first`, then the caller's own (where the GPU image's wheels live)."""
+    return os.pathsep.join(filter(None, [str(first), os.environ.get("PYTHONPATH")]))
 
 
 def test_imports_without_triton_and_says_what_is_missing():

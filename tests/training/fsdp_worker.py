@@ -12,7 +12,8 @@ gradient are the one-process ones up to fp32 rounding. Writes OUT/results-<rank>
 global shape of every packed tensor, the tensor bytes this rank read from the checkpoint) and OUT/adapter (rank 0,
 PEFT format). The same step again with the fast path's lean LoRA (`fast_lora.speed_up_lora`, dequantising from the
 gathered tensors in forward and backward), after what `enable_fast_training` does first on shards (a short row through
-the whole model, then one layer run alone, as its planner measures it): OUT/results-lean-<rank>.pt (loss, LoRA gradients).
+the whole model, then one layer run alone, as its planner measures it): OUT/results-lean-<rank>.pt (loss, LoRA
+gradients).
 
 --resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
 OUT/whole trains 2 steps; OUT/cut, its directory as

@@ -20,6 +20,7 @@ from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import weight_files
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.training import sft
+from tests.gptq.test_triton_dequant import pythonpath_with
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "fsdp_worker.py"
@@ -45,8 +46,7 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
     process group paid once)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(one)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
