@@ -221,6 +221,37 @@ def test_gc_timer_counts_collections_and_leaves_when_training_raises(tmp_path):
     assert report.gc_s == 0
 
 
+def test_run_files_are_rewritten_at_the_first_step_then_at_most_every_interval_at_saves_and_at_the_end(tmp_path):
+    """Drawing loss_curve.png at every log left the GPU idle (~0.1 s a step at logging_steps=1): between rewrites
+    the files wait, and a checkpoint or the end of training brings them up to date."""
+    from transformers import TrainerControl, TrainerState
+
+    from finetune.training.run_report import RunReport
+    report, state, control = RunReport(tmp_path, {}, title="t", rewrite_every_s=3600), TrainerState(), TrainerControl()
+
+    def log(step: int, loss: float) -> None:
+        state.global_step = step
+        state.log_history.append({"loss": loss, "step": step})
+        report.on_log(None, state, control, logs=state.log_history[-1])
+
+    def logged_steps() -> list[int]:
+        return [entry["step"] for entry in json.loads((tmp_path / "metrics.json").read_text())["loss"]]
+
+    log(1, 2.0)
+    first_plot = (tmp_path / "loss_curve.png").read_bytes()
+    assert logged_steps() == [1] and first_plot[:8] == b"\x89PNG\r\n\x1a\n"
+    log(2, 1.5)
+    log(3, 1.0)
+    assert logged_steps() == [1] and (tmp_path / "loss_curve.png").read_bytes() == first_plot
+    report.on_save(None, state, control)
+    assert logged_steps() == [1, 2, 3]
+    log(4, 0.5)
+    assert logged_steps() == [1, 2, 3]
+    report.on_train_end(None, state, control)
+    assert logged_steps() == [1, 2, 3, 4] and [entry["step"] for entry in report.speed] == [1, 2, 3, 4]
+    assert (tmp_path / "loss_curve.png").read_bytes() != first_plot
+
+
 def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end():
     """The collector's full passes skip the heap alive at training start and after each warm-up step; objects
     made later stay collectable; nothing stays frozen once training ends, even when it ends in an error."""
