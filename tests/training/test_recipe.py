@@ -123,6 +123,13 @@ def test_without_a_gpu_the_recipe_keeps_its_own_checkpointing(tmp_path):
     assert sft.sft_config(cfg, tmp_path).activation_checkpointing is True
 
 
+def test_the_step_loop_does_not_wait_for_the_gpu_to_filter_the_logged_loss(tmp_path):
+    # the Trainer's NaN/inf filter reads the loss after every backward, so the GPU idles while the host clips and
+    # steps; the recipes log the loss as it is
+    cfg = compose_recipe("medqa", [f"output_dir={tmp_path}/run"])
+    assert sft.sft_config(cfg, tmp_path).logging_nan_inf_filter is False
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_gpu_fast_path_without_the_gpu_extra_fails_before_loading():
     cfg = compose_recipe("smoke")
