@@ -50,8 +50,10 @@ def summarise(speed: list[dict], warmup: int, profiled: int | None = None) -> di
     """tokens/s over the steps after `warmup` (training seconds; and over the wall time, evaluations and
     checkpoint saves included), the median and slowest step, the seconds the garbage collector took, and memory at
     the first and last logged step (training.run_report's per-step entries). The `profiled` step (profile_step=N,
-    slowed by the profiler and the trace it writes) is left out of the figures."""
-    timed = [s for s in speed[warmup:] if s["step"] != profiled]
+    slowed by the profiler and the trace it writes) and the one before it (the profiler starts at its end, before
+    its log) are left out of the figures."""
+    left_out = {profiled - 1, profiled} if profiled else set()
+    timed = [s for s in speed[warmup:] if s["step"] not in left_out]
     if not timed:
         return {"error": f"{len(speed)} steps logged, none after the {warmup} warm-up steps"}
     seconds = [s["seconds"] for s in timed]

@@ -1,15 +1,22 @@
 """`profile_step=N`: one optimiser step of a training run under torch.profiler, to see where its time goes.
 
-Writes into the run directory (each process of a multi-GPU run its own, `-rank<R>` added after the first):
+The window is one step as the run's metrics count it, boundary included: from the end of step N-1's optimiser
+step (its logging, any evaluation or checkpoint after it, loading step N's batch) to the end of step N's (from
+step N's start when N is 1). Writes into the run directory (each process of a multi-GPU run its own, `-rank<R>`
+added after the first):
 
-    profile.txt          the step's wall time, device time by kind of kernel (matmul, GPTQ dequantise, attention,
-                         communication, host copies, other), then torch's table of the ops that took most time
+    profile.txt          the window's wall time, device time by kind of kernel (matmul, GPTQ dequantise, attention,
+                         communication, host copies, other), where the GPU sat idle (main process: the longest
+                         holes in its timeline and the host op that launched the kernel ending each), then torch's
+                         table of the ops that took most time
     profile_trace.json   the timeline, for chrome://tracing or https://ui.perfetto.dev (main process only)
 
 Kernels on different streams (NCCL, host copies) overlap the compute stream, so the kinds can add up to more than
-the wall time; the gap between the compute kinds' sum and the wall time is the GPU waiting for the host.
+the wall time; the holes are where no stream ran anything: the GPU waiting for the host.
 """
 
+import bisect
+import json
 import re
 import time
 from pathlib import Path
@@ -44,25 +51,73 @@ def device_time_by_kind(events) -> dict[str, float]:
     return totals
 
 
-def profile_report(wall_s: float, events) -> str:
+def idle_holes(trace: dict, top: int = 8) -> list[str]:
+    """Where no kernel or copy ran, from a chrome trace of torch.profiler: total, by length, and the `top` longest
+    holes with the host op (innermost first) that launched the kernel ending each. Empty without GPU events."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not device:
+        return []
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    host_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
+    op_starts = [e["ts"] for e in host_ops]
+    holes, busy_until = [], device[0]["ts"]
+    for event in device:
+        if event["ts"] > busy_until:
+            holes.append((event["ts"] - busy_until, busy_until - device[0]["ts"], event))
+        busy_until = max(busy_until, event["ts"] + event["dur"])
+
+    def launched_by(event) -> str:
+        launch = launches.get(event.get("args", {}).get("correlation"))
+        if launch is None:
+            return "?"
+        before = host_ops[:bisect.bisect_right(op_starts, launch["ts"])]
+        inside = [op for op in before[-2000:] if op["tid"] == launch["tid"] and op["ts"] + op["dur"] >= launch["ts"]]
+        return " < ".join(op["name"] for op in reversed(inside[-3:])) or "?"
+
+    def ms(length_us: float) -> str:
+        return f"{length_us / 1e3:.1f} ms"
+
+    lengths = [hole[0] for hole in holes]
+    summary = (f"GPU idle: {ms(sum(lengths))} of {ms(busy_until - device[0]['ts'])} in {len(holes)} holes "
+               f"({ms(sum(x for x in lengths if x < 5))} in holes under 5 us, "
+               f"{ms(sum(x for x in lengths if x >= 1000))} in holes of 1 ms or more)")
+    lines = [summary, f"the {top} longest (ms, at ms into the window, the host op that launched the kernel after it):"]
+    lines += [f"  {length / 1e3:8.1f} {at / 1e3:9.1f}  {launched_by(event)[:100]}"
+              for length, at, event in sorted(holes, key=lambda hole: -hole[0])[:top]]
+    return lines
+
+
+def profile_report(wall_s: float, events, trace: dict | None = None) -> str:
     by_kind = device_time_by_kind(events)
     lines = [f"one optimiser step: {wall_s:.3f} s wall", "", "device time by kind (seconds, share of the wall time):"]
     lines += [f"  {kind:32s} {seconds:8.3f}  {seconds / wall_s:6.1%}" for kind, seconds in
               sorted(by_kind.items(), key=lambda item: -item[1])]
+    holes = idle_holes(trace) if trace is not None else []
     sort_by = "self_device_time_total" if any(by_kind.values()) else "self_cpu_time_total"
-    return "\n".join([*lines, "", events.table(sort_by=sort_by, row_limit=40, max_name_column_width=70)])
+    return "\n".join([*lines, *([""] + holes if holes else []), "",
+                      events.table(sort_by=sort_by, row_limit=40, max_name_column_width=70)])
 
 
 class ProfileStep(TrainerCallback):
-    """Profiles optimiser step `step` (1-based, as the Trainer counts) and writes profile.txt (+ the trace)."""
+    """Profiles optimiser step `step` (1-based, as the Trainer counts) from the end of the step before it and
+    writes profile.txt (+ the trace)."""
 
     def __init__(self, step: int, run_dir: Path, rank: int = 0):
         self.step, self.run_dir, self.rank = step, Path(run_dir), rank
         self.profiler, self.start, self.cuda = None, 0.0, False
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            self.begin()
+        elif state.global_step == self.step and self.profiler is not None:
+            self.end()
+
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 != self.step:
-            return
+        if state.global_step + 1 == self.step and self.profiler is None:  # step 1 has no step before it
+            self.begin()
+
+    def begin(self):
         self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if self.cuda:
             torch.cuda.synchronize()
@@ -70,16 +125,17 @@ class ProfileStep(TrainerCallback):
         self.profiler.__enter__()
         self.start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.profiler is None:
-            return
+    def end(self):
         if self.cuda:
             torch.cuda.synchronize()
         wall_s = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)
         suffix = f"-rank{self.rank}" if self.rank else ""
-        report = profile_report(wall_s, self.profiler.key_averages())
-        write_atomic(self.run_dir / f"profile{suffix}.txt", lambda p: p.write_text(report + "\n"))
+        trace = None
         if not self.rank:
-            write_atomic(self.run_dir / "profile_trace.json", lambda p: self.profiler.export_chrome_trace(str(p)))
+            trace_path = self.run_dir / "profile_trace.json"
+            write_atomic(trace_path, lambda p: self.profiler.export_chrome_trace(str(p)))
+            trace = json.loads(trace_path.read_text())
+        report = profile_report(wall_s, self.profiler.key_averages(), trace)
+        write_atomic(self.run_dir / f"profile{suffix}.txt", lambda p: p.write_text(report + "\n"))
         self.profiler = None

@@ -24,5 +24,5 @@ def test_summary_leaves_out_warm_up_and_counts_evaluation_and_saves_only_in_the_
     assert summary["host_rss_gib"] == [39.0, 39.2] and summary["pinned_gib"] == [30.0, 30.0]
     assert summary["gpu_peak_gib"] == 60.06 and (summary["steps"], summary["timed_steps"]) == (6, 4)
     assert "error" in summarise(speed[:2], warmup=2)
-    # a profiled step is left out (step 5: 3.0 s, 2,048 tokens)
-    assert summarise(speed, warmup=2, profiled=5)["tokens_per_s"] == round(12192 / 7.0, 1)
+    # a profiled step and the one before it (where the profiler starts) are left out: steps 4 and 5
+    assert summarise(speed, warmup=2, profiled=5)["tokens_per_s"] == round(8096 / 4.5, 1)
