@@ -11,9 +11,10 @@
     adapter/           the final LoRA adapter in PEFT format, with the tokenizer it was trained with
     checkpoints/       the Trainer's checkpoint-N folders, for resume=true
 
-metrics.json and loss_curve.png are rewritten at the first step, then at most every REWRITE_EVERY_S seconds, at each
-checkpoint and when training ends: at logging_steps=1, drawing the plot every step (~0.1 s, after the loss's
-.item() has emptied the GPU's queue) left a 70B step's GPU idle for 5 % of it.
+metrics.json is rewritten at every log, so a run killed at any moment leaves every step it logged; loss_curve.png at
+the first log, then at most every PLOT_EVERY_S seconds, at each checkpoint and when training ends: at
+logging_steps=1, drawing it every step (~0.1 s, after the loss's .item() has emptied the GPU's queue) left a 70B
+step's GPU idle for 5 % of it.
 """
 
 import gc
@@ -35,7 +36,7 @@ from transformers import TrainerCallback
 from ..config.files import write_atomic
 from .fsdp import full_adapter_state
 
-REWRITE_EVERY_S = 30.0
+PLOT_EVERY_S = 30.0
 
 
 def save_config(cfg: DictConfig, run_dir: Path, command: str) -> None:
@@ -55,15 +56,15 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str) -> 
 
 class RunReport(TrainerCallback):
     """Rewrites metrics.json and loss_curve.png from the Trainer's own log history, which a resumed run restores
-    from its checkpoint: the files always cover the whole run (up to REWRITE_EVERY_S behind while it trains).
+    from its checkpoint: the files always cover the whole run (the plot up to PLOT_EVERY_S behind while it trains).
 
     A step's "seconds" run from the end of the previous step's log (or checkpoint save) to its own loss log, less
     the evaluation logged in between ("eval_s"); a checkpoint saved after the log is the step's "save_s". So the
     steps' seconds compare training with training, and seconds + eval_s + save_s add up to the wall time."""
 
-    def __init__(self, run_dir: Path, data_report: dict, title: str, rewrite_every_s: float = REWRITE_EVERY_S):
+    def __init__(self, run_dir: Path, data_report: dict, title: str, plot_every_s: float = PLOT_EVERY_S):
         self.run_dir, self.data_report, self.title = Path(run_dir), data_report, title
-        self.rewrite_every_s, self.last_write = rewrite_every_s, None  # perf_counter() of the last rewrite
+        self.plot_every_s, self.last_plot = plot_every_s, None  # perf_counter() of the last plot
         self.fast_path, self.speed = None, []
         self.last_log = (time.perf_counter(), 0)  # (when, tokens so far) at the previous log
         self.tokens = None  # TRL's token count, from whichever log carried it last
@@ -98,18 +99,17 @@ class RunReport(TrainerCallback):
         self.eval_s += logs.get("eval/seconds", 0.0)
         if "loss" in logs:  # a training step's log (the loss .item() has waited for the GPU)
             self.speed.append(self.step_speed(state.global_step, self.tokens))
-        if self.last_write is None or time.perf_counter() - self.last_write >= self.rewrite_every_s:
-            self.write(state)
+        self.write(state, plot=self.last_plot is None or time.perf_counter() - self.last_plot >= self.plot_every_s)
 
     def on_save(self, args, state, control, **kwargs):
-        self.write(state)  # the files on disk as current as the checkpoint (their rewrite counts in save_s)
+        self.write(state, plot=True)  # the plot as current as the checkpoint (drawing it counts in save_s)
         now = time.perf_counter()
         if self.speed and self.speed[-1]["step"] == state.global_step:
             self.speed[-1]["save_s"] = round(now - self.last_log[0], 3)
         self.last_log = (now, self.last_log[1])
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.write(state)
+        self.write(state, plot=True)
 
     def step_speed(self, step: int, tokens: float | None) -> dict:
         """Since the previous log: training seconds, tokens/s (from TRL's token count), the seconds beside
@@ -132,8 +132,9 @@ class RunReport(TrainerCallback):
             entry["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         return entry
 
-    def write(self, state) -> None:
-        self.last_write = time.perf_counter()
+    def write(self, state, plot: bool) -> None:
+        if plot:
+            self.last_plot = time.perf_counter()
         if not state.is_world_process_zero:
             return
         log_history = state.log_history
@@ -147,7 +148,7 @@ class RunReport(TrainerCallback):
                    "eval": evals, "summary": summary, "data": self.data_report, "fast_path": self.fast_path,
                    "speed": self.speed}
         write_atomic(self.run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1)))
-        if steps:
+        if steps and plot:
             plot_loss([e["step"] for e in steps], [e["loss"] for e in steps], self.run_dir / "loss_curve.png",
                       self.title)
 

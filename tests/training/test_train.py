@@ -221,35 +221,36 @@ def test_gc_timer_counts_collections_and_leaves_when_training_raises(tmp_path):
     assert report.gc_s == 0
 
 
-def test_run_files_are_rewritten_at_the_first_step_then_at_most_every_interval_at_saves_and_at_the_end(tmp_path):
-    """Drawing loss_curve.png at every log left the GPU idle (~0.1 s a step at logging_steps=1): between rewrites
-    the files wait, and a checkpoint or the end of training brings them up to date."""
+def test_metrics_are_rewritten_at_every_log_and_the_plot_at_most_every_interval_at_saves_and_at_the_end(tmp_path):
+    """Drawing loss_curve.png at every log left the GPU idle (~0.1 s a step at logging_steps=1): between its
+    redraws the plot waits, and a checkpoint or the end of training brings it up to date. metrics.json never
+    waits: a run killed at any moment leaves every step it logged."""
     from transformers import TrainerControl, TrainerState
 
     from finetune.training.run_report import RunReport
-    report, state, control = RunReport(tmp_path, {}, title="t", rewrite_every_s=3600), TrainerState(), TrainerControl()
+    report, state, control = RunReport(tmp_path, {}, title="t", plot_every_s=3600), TrainerState(), TrainerControl()
+    plot = tmp_path / "loss_curve.png"
 
     def log(step: int, loss: float) -> None:
         state.global_step = step
         state.log_history.append({"loss": loss, "step": step})
         report.on_log(None, state, control, logs=state.log_history[-1])
-
-    def logged_steps() -> list[int]:
-        return [entry["step"] for entry in json.loads((tmp_path / "metrics.json").read_text())["loss"]]
+        assert [entry["step"] for entry in json.loads((tmp_path / "metrics.json").read_text())["loss"]] == list(
+            range(1, step + 1))
 
     log(1, 2.0)
-    first_plot = (tmp_path / "loss_curve.png").read_bytes()
-    assert logged_steps() == [1] and first_plot[:8] == b"\x89PNG\r\n\x1a\n"
+    first_plot = plot.read_bytes()
+    assert first_plot[:8] == b"\x89PNG\r\n\x1a\n"
     log(2, 1.5)
     log(3, 1.0)
-    assert logged_steps() == [1] and (tmp_path / "loss_curve.png").read_bytes() == first_plot
+    assert plot.read_bytes() == first_plot  # within the interval
     report.on_save(None, state, control)
-    assert logged_steps() == [1, 2, 3]
+    saved_plot = plot.read_bytes()
+    assert saved_plot != first_plot
     log(4, 0.5)
-    assert logged_steps() == [1, 2, 3]
+    assert plot.read_bytes() == saved_plot
     report.on_train_end(None, state, control)
-    assert logged_steps() == [1, 2, 3, 4] and [entry["step"] for entry in report.speed] == [1, 2, 3, 4]
-    assert (tmp_path / "loss_curve.png").read_bytes() != first_plot
+    assert plot.read_bytes() != saved_plot and [entry["step"] for entry in report.speed] == [1, 2, 3, 4]
 
 
 def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end():
