@@ -71,8 +71,9 @@ def idle_holes(trace: dict, top: int = 8) -> list[str]:
         launch = launches.get(event.get("args", {}).get("correlation"))
         if launch is None:
             return "?"
-        before = host_ops[:bisect.bisect_right(op_starts, launch["ts"])]
-        inside = [op for op in before[-2000:] if op["tid"] == launch["tid"] and op["ts"] + op["dur"] >= launch["ts"]]
+        end = bisect.bisect_right(op_starts, launch["ts"])  # the ops started by the launch; the last 2,000 suffice
+        inside = [op for op in host_ops[max(0, end - 2000):end]
+                  if op["tid"] == launch["tid"] and op["ts"] + op["dur"] >= launch["ts"]]
         return " < ".join(op["name"] for op in reversed(inside[-3:])) or "?"
 
     def ms(length_us: float) -> str:
