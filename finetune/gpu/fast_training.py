@@ -11,12 +11,14 @@ What it does, each kept because it measured faster (eval/BENCHMARKS.md):
 - selective recompute: as many decoder layers as fit keep their activations on the GPU; of the others, as many
   as the host link can carry while the GPU computes keep them in pinned host memory (`host_offload`), and only
   the rest recompute. When even recomputing every layer does not fit (long contexts), layer inputs wait in
-  pinned host memory.
+  pinned host memory. Layers that keep their activations, on the GPU or the host, keep no RMSNorm output: the
+  backward recomputes it from the norm's input (`norm_recompute`; 15 % of a layer's activations at 70B shape).
 
 Under FSDP2 (accelerate_fsdp.yaml) the same path runs on each GPU's shard: the plan counts this GPU's slice of the
 weights and adapters plus the layers gathered whole while they compute, and is made per process.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -28,6 +30,7 @@ from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
 from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
 from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
+from .norm_recompute import NormRecompute, storage_key
 
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
 
@@ -70,10 +73,15 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     # + grads and AdamW's two moments; sharded, also a layer gathered ahead of the one computing and its all-gather
     # buffer (the measured layer below counts the one computing)
     static = torch.cuda.memory_allocated(device) + 3 * trainable + 2 * gathered
-    hooks = getattr(base, "_host_offload", None) or HostOffload()
-    base._host_offload = hooks
-    apply_plan(layers, RecomputePlan(keep=len(layers), offload=0, bytes=0), hooks)  # measure the plain layer
-    cost = measure_layer(layers[len(layers) // 2], rotary_embedding(base), min(seq_len, MEASURE_TOKENS))
+    if getattr(base, "_host_offload", None) is None:  # once: enabling again re-plans with the same hooks
+        norms = NormRecompute()
+        for layer in layers:
+            norms.watch(layer)
+        base._host_offload = HostOffload(norms)
+    hooks = base._host_offload
+    apply_plan(layers, RecomputePlan(keep=len(layers), offload=0, bytes=0), hooks=None)  # measure the plain layer
+    cost = measure_layer(layers[len(layers) // 2], rotary_embedding(base), min(seq_len, MEASURE_TOKENS),
+                         hooks.norms)
     scale = seq_len / min(seq_len, MEASURE_TOKENS)
     sizes = [round(b * scale) for b in (cost.input_bytes, cost.saved_bytes, cost.backward_bytes)]
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
@@ -81,7 +89,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
     plan = plan_for_budget(len(layers), *sizes, budget_bytes=budget, static_bytes=static, seq_len=seq_len,
                            host_bytes=host_bytes, host_share=host_share)
-    apply_plan(layers, plan, hooks)
+    apply_plan(layers, plan, hooks, hooks.norms)
     # pinned for the longest row now, not during step 1; every shorter row reuses it
     offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
     hooks.arena.reserve(offloaded * plan.host + [sizes[0]] * plan.offload)
@@ -218,19 +226,21 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     return RecomputePlan(0, offload, (n_layers - offload + 2) * input_bytes + saved_bytes + backward_bytes)
 
 
-def apply_plan(layers, plan: RecomputePlan, hooks: HostOffload | None) -> None:
+def apply_plan(layers, plan: RecomputePlan, hooks: HostOffload | None, norms: NormRecompute | None = None) -> None:
+    """Set each layer's mode: host and offload layers save through `hooks` (what they save goes to the host:
+    everything, or for a checkpointed layer only its input, inside the checkpoint its own hooks win), kept layers
+    through `norms` (no norm output kept); recompute layers checkpoint."""
     for index, layer in enumerate(layers):
         mode = plan.mode(index, len(layers))
         layer.gradient_checkpointing = mode in ("recompute", "offload")
         layer.__dict__.pop("forward", None)
-        if mode in ("offload", "host"):
-            layer.forward = functools.partial(_offloaded_forward, layer, hooks)
+        saving = hooks if mode in ("offload", "host") else norms if mode == "keep" else None
+        if saving is not None:
+            layer.forward = functools.partial(_forward_saving_through, layer, saving)
 
 
-def _offloaded_forward(layer, hooks, *args, **kwargs):
-    # what the layer saves goes to the host: everything, or for a checkpointed layer only its input (inside the
-    # checkpoint its own hooks win)
-    with hooks:
+def _forward_saving_through(layer, saved_tensors_hooks, *args, **kwargs):
+    with saved_tensors_hooks:
         return type(layer).forward(layer, *args, **kwargs)
 
 
@@ -256,8 +266,10 @@ class LayerCost:
     tensor_bytes: tuple[int, ...] = ()  # each saved tensor, in order, as a host layer copies them
 
 
-def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) -> LayerCost:
-    """One decoder layer at `tokens` tokens, measured on the GPU as it will train (LoRA, liger)."""
+def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int,
+                  norms: NormRecompute | None = None) -> LayerCost:
+    """One decoder layer at `tokens` tokens, measured on the GPU as it will train (LoRA, liger, and with `norms`
+    no norm output kept)."""
     # a norm weight gives the activation dtype (the GPTQ tensors are frozen parameters too, but int32/fp16)
     frozen = next(p for n, p in layer.named_parameters() if not p.requires_grad and n.endswith("norm.weight"))
     hidden = torch.randn(1, tokens, rotary.config.hidden_size, device=frozen.device, dtype=frozen.dtype)
@@ -275,16 +287,17 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int) 
         saved, tensors = {}, {}
 
         def pack(tensor):
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            # keyed as HostOffload keys its copies: one per saved layout
-            tensors[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(),
-                     tensor.dtype)] = tensor.numel() * tensor.element_size()
-            return tensor
+            packed = norms.pack(tensor) if norms is not None else tensor
+            if packed is tensor:
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+                tensors[storage_key(tensor)] = tensor.numel() * tensor.element_size()  # as HostOffload keys copies
+            return packed
 
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (torch.autograd.graph.saved_tensors_hooks(pack, norms.unpack if norms is not None else lambda t: t),
+              norms.recording() if norms is not None else contextlib.nullcontext()):
             out = layer(hidden, **kwargs)
         torch.autograd.grad(out, hidden, torch.randn_like(out))  # input grad only: leaves LoRA .grad alone
         peak = torch.cuda.max_memory_allocated() - before

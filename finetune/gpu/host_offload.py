@@ -6,7 +6,8 @@ GPU memory is freed once the copy is done. The backward visits layers in reverse
 tensors it fetches the whole layer and starts fetching the layer before it, whose copy then overlaps this layer's
 backward. For a checkpointed layer only its input is saved, so only that travels.
 
-A tensor saved several times in one layer (the input of q, k and v) travels once. Pinned memory comes from a
+A tensor saved several times in one layer (the input of q, k and v) travels once; an RMSNorm output does not travel
+at all when `norms` (a `NormRecompute`) is given: its input travels and the backward recomputes it. Pinned memory comes from a
 `PinnedArena`: slabs allocated once (pinning runs at ~1 GB/s) and carved anew every step, whatever the shapes, so
 packed rows of any length reuse the same bytes: sized up front for the longest row (`reserve`), it never grows.
 """
@@ -14,6 +15,8 @@ packed rows of any length reuse the same bytes: sized up front for the longest r
 import weakref
 
 import torch
+
+from .norm_recompute import NormRecompute, RecomputedNorm, storage_key
 
 OFFLOAD_MIN_BYTES = 2 ** 20  # smaller saved tensors (position ids, norms' statistics) stay where they are
 
@@ -106,8 +109,9 @@ class _HostCopy:
 
 
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self):
+    def __init__(self, norms: NormRecompute | None = None):
         super().__init__(self._pack, self._unpack)
+        self.norms = norms
         self.stream = None
         self.arena = PinnedArena()
         self.layer = None  # the block being run forward
@@ -116,11 +120,15 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     def __enter__(self):
         self.layer = _Layer(weakref.ref(self.last) if self.last is not None else None)
         self.last = self.layer
+        if self.norms is not None:
+            self.norms.start()
         return super().__enter__()
 
     def __exit__(self, *exc):
         self.layer.saved = {}  # the GPU tensors, held so far so that no new tensor reused their memory (see _pack)
         self.layer = None
+        if self.norms is not None:
+            self.norms.stop()
         return super().__exit__(*exc)
 
     @property
@@ -130,10 +138,13 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor):
         if self.layer is None or not tensor.is_cuda or tensor.numel() * tensor.element_size() < OFFLOAD_MIN_BYTES:
             return tensor
+        if self.norms is not None:
+            recipe = self.norms.pack(tensor, store=self._pack)  # its input travels (once: the norm saved it too)
+            if recipe is not tensor:
+                return recipe
         # the same tensor saved again travels once; the tensor is held until the block ends, so no other tensor
         # of this block can take its address
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(),
-               tensor.dtype)
+        key = storage_key(tensor)
         copy = self.layer.saved.get(key, (None, None))[0]
         if copy is None:
             self.stream = self.stream or torch.cuda.Stream(tensor.device)
@@ -151,6 +162,8 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     def _unpack(self, copy):
         if isinstance(copy, torch.Tensor):
             return copy
+        if isinstance(copy, RecomputedNorm):
+            return self.norms.unpack(copy, load=self._unpack)
         if copy.host is None:
             raise RuntimeError("an offloaded activation was unpacked twice; backward with retain_graph=True is not "
                                "supported with host offload (raise memory_budget_gib, or host_memory_gib=0)")

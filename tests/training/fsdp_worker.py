@@ -12,7 +12,8 @@ gradient are the one-process ones up to fp32 rounding. Writes OUT/results-<rank>
 global shape of every packed tensor, the tensor bytes this rank read from the checkpoint) and OUT/adapter (rank 0,
 PEFT format). The same step again with the fast path's lean LoRA (`fast_lora.speed_up_lora`, dequantising from the
 gathered tensors in forward and backward), after what `enable_fast_training` does first on shards (a short row through
-the whole model, then one layer run alone, as its planner measures it): OUT/results-lean-<rank>.pt (loss, LoRA
+the whole model, then one layer run alone, as its planner measures it), the last layer keeping its activations but
+not its norm outputs (`norm_recompute`), the others recomputing: OUT/results-lean-<rank>.pt (loss, LoRA
 gradients).
 
 --resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
@@ -37,7 +38,15 @@ from torch.distributed.tensor import DTensor
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import load_model
 from finetune.gpu.fast_lora import speed_up_lora
-from finetune.gpu.fast_training import decoder_layers, gathered_layer_bytes, rotary_embedding, settle_sharded_root
+from finetune.gpu.fast_training import (
+    RecomputePlan,
+    apply_plan,
+    decoder_layers,
+    gathered_layer_bytes,
+    rotary_embedding,
+    settle_sharded_root,
+)
+from finetune.gpu.norm_recompute import NormRecompute
 from finetune.training.fsdp import full_adapter_state, shard_model
 
 
@@ -114,6 +123,10 @@ def lean_step(checkpoint: str, out: str, sharded: bool) -> None:
     position_ids = torch.arange(16)[None]
     out_hidden = layer(hidden, position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)
     torch.autograd.grad(out_hidden, hidden, torch.randn_like(out_hidden))
+    layers, norms = decoder_layers(model), NormRecompute()
+    for each in layers:
+        norms.watch(each)
+    apply_plan(layers, RecomputePlan(keep=1, offload=0, bytes=0), hooks=None, norms=norms)
     tokens = batch(model, accelerator, sharded)
     loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
     loss.backward()

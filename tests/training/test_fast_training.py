@@ -3,6 +3,7 @@ and the whole path against the CPU on a GPU (skipped without one; bench.train_sp
 
 import functools
 import itertools
+import weakref
 from importlib.util import find_spec
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.loader import load_model
@@ -24,6 +26,7 @@ from finetune.gpu.fast_training import (
     plan_recompute,
 )
 from finetune.gpu.host_offload import PinnedArena
+from finetune.gpu.norm_recompute import NormRecompute
 from finetune.gpu.seeded_dropout import dropout_mask
 from tests.gptq.test_triton_dequant import run_python
 
@@ -88,6 +91,49 @@ def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
         assert loss == pytest.approx(reference_loss, rel=1e-6)
         for name, grad in grads.items():
             assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_kept_layers_hold_no_norm_output_and_give_the_same_gradients(checkpoint, dropout):
+    """With NormRecompute a kept layer holds neither RMSNorm's output after its forward (the backward runs the norm
+    again on the input the norm's own backward holds): the same loss and LoRA gradients, bit for bit."""
+    tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    model = lora_model(checkpoint, dropout=dropout)
+    speed_up_lora(model)
+    layers = decoder_layers(model.get_base_model())
+    norms = NormRecompute()
+    assert [norms.watch(layer) for layer in layers] == [2] * TINY.num_hidden_layers
+    outputs = []  # a weak reference to each norm output of a forward
+    for layer in layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda module, args, output: outputs.append(weakref.ref(output)))
+    results = []
+    for recompute in (None, norms):
+        apply_plan(layers, RecomputePlan(keep=3, offload=0, bytes=0), hooks=None, norms=recompute)
+        outputs.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same dropout masks
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        held = sum(output() is not None for output in outputs)
+        loss.backward()
+        results.append((held, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (held, loss, grads), (held_recomputing, loss_recomputing, grads_recomputing) = results
+    assert (held, held_recomputing) == (2 * TINY.num_hidden_layers, 0)
+    assert loss_recomputing == loss
+    assert [n for n in grads if not torch.equal(grads[n], grads_recomputing[n])] == []
+
+
+def test_a_norm_input_changed_in_place_after_the_forward_is_an_error():
+    norm, norms = LlamaRMSNorm(8), NormRecompute()
+    norms.watch(norm)
+    hidden, weight = torch.randn(2, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with norms:
+        normed_input = hidden * 1.0
+        out = norm(normed_input) @ weight  # the matmul saves the norm output for weight's gradient
+    normed_input.add_(1.0)
+    with pytest.raises(RuntimeError, match="^a LlamaRMSNorm's input was modified in place after the forward, so its "
+                                           "output cannot be recomputed in the backward$"):
+        out.sum().backward()
 
 
 class SameMaskDropout(torch.nn.Dropout):
@@ -390,14 +436,23 @@ def test_host_layers_give_the_gradients_of_kept_layers(checkpoint, monkeypatch):
     tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
     model = lora_model(checkpoint, device="cuda")
     fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
-    layers, hooks = decoder_layers(model.get_base_model()), host_offload.HostOffload()
+    base = model.get_base_model()
+    # the fast path's NormRecompute (its hooks on the norms), here with hooks of the test's own
+    layers, norms = decoder_layers(base), base._host_offload.norms
+    hooks, hooks_keeping_norms = host_offload.HostOffload(norms), host_offload.HostOffload()
+    for pool in (hooks, hooks_keeping_norms):  # slabs of about one of this tiny model's tensors: bytes as carried
+        pool.arena = PinnedArena(slab_bytes=2 ** 16)
     grads = {}
-    for plan in (RecomputePlan(keep=3, offload=0, bytes=0), RecomputePlan(keep=0, offload=0, bytes=0, host=3),
-                 RecomputePlan(keep=1, offload=0, bytes=0, host=1)):
-        apply_plan(layers, plan, hooks)
-        grads[plan] = loss_and_grads(model, tokens)[1]
+    for plan, norm_recompute in ((RecomputePlan(keep=3, offload=0, bytes=0), None),
+                                 (RecomputePlan(keep=0, offload=0, bytes=0, host=3), None),
+                                 (RecomputePlan(keep=3, offload=0, bytes=0), norms),
+                                 (RecomputePlan(keep=0, offload=0, bytes=0, host=3), norms),
+                                 (RecomputePlan(keep=1, offload=0, bytes=0, host=1), norms)):
+        apply_plan(layers, plan, hooks if norm_recompute else hooks_keeping_norms, norm_recompute)
+        grads[plan, norm_recompute] = loss_and_grads(model, tokens)[1]
     assert [plan.mode(i, 3) for i in range(3)] == ["recompute", "host", "keep"]
-    assert hooks.pinned_bytes > 0  # the host layers' buffers, back in the pool
+    # the host layers' buffers, back in the pool; with norm outputs recomputed, fewer of them
+    assert 0 < hooks.pinned_bytes < hooks_keeping_norms.pinned_bytes
     first, *others = grads.values()
     for other in others:
         differing = [name for name in first if not torch.equal(first[name], other[name])]
