@@ -291,8 +291,14 @@ def test_plan_keeps_activations_on_the_host_as_the_link_and_pinned_memory_allow(
     free = 30 * 1024 * MIB
     plan = plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free_bytes=free, host_bytes=64 * 1024 * MIB,
                           host_share=0.5)
-    assert plan.keep == (30 * 1024 - 1500 - 800 - 80 * 64) // (800 - 64)  # one host layer in flight on the GPU
-    assert plan.host == (80 - plan.keep) // 2 and plan.bytes <= free
+    def host_of(keep):
+        return (80 - keep) // 2
+
+    def peak(keep):  # MiB: recomputing layers hold their input, host layers nothing but the one in flight
+        return (80 - host_of(keep)) * 64 + 1500 + keep * (800 - 64) + 800
+
+    assert plan.host == host_of(plan.keep) and peak(plan.keep) * MIB == plan.bytes <= free < peak(plan.keep + 1) * MIB
+    assert plan.keep == 33  # 31 when host layers' inputs were counted on the GPU too
     modes = [plan.mode(i, 80) for i in range(80)]
     assert modes.count("host") == plan.host and modes.count("keep") == plan.keep
     # spread: between two host layers another computes while the link carries one
