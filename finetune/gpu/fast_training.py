@@ -29,8 +29,8 @@ import torch
 from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
 from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
-from .host_offload import OFFLOAD_MIN_BYTES, HostOffload
-from .norm_recompute import NormRecompute, storage_key
+from .host_offload import OFFLOAD_MIN_BYTES, HostOffload, copy_key
+from .norm_recompute import NormRecompute
 
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
 
@@ -292,7 +292,7 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int,
             packed = norms.pack(tensor) if norms is not None else tensor
             if packed is tensor:
                 saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-                tensors[storage_key(tensor)] = tensor.numel() * tensor.element_size()  # as HostOffload keys copies
+                tensors[copy_key(tensor)] = tensor.numel() * tensor.element_size()  # one per HostOffload copy
             return packed
 
         torch.cuda.synchronize()

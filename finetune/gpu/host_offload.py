@@ -6,7 +6,8 @@ GPU memory is freed once the copy is done. The backward visits layers in reverse
 tensors it fetches the whole layer and starts fetching the layer before it, whose copy then overlaps this layer's
 backward. For a checkpointed layer only its input is saved, so only that travels.
 
-A tensor saved several times in one layer (the input of q, k and v) travels once; an RMSNorm output does not travel
+A tensor saved several times in one layer (the input of q, k and v), or as several dense shapes of the same bytes,
+travels once; an RMSNorm output does not travel
 at all when `norms` (a `NormRecompute`) is given: its input travels and the backward recomputes it. Pinned memory comes from a
 `PinnedArena`: slabs allocated once (pinning runs at ~1 GB/s) and carved anew every step, whatever the shapes, so
 packed rows of any length reuse the same bytes: sized up front for the longest row (`reserve`), it never grows.
@@ -92,6 +93,22 @@ class PinnedArena:
         self.out -= 1
 
 
+def copy_key(tensor: torch.Tensor) -> tuple:
+    """Saved tensors with the same key travel as one copy: the same bytes of a storage as any dense shape (liger's
+    RMSNorm saves its input as [tokens, hidden]; `NormRecompute` holds it as [1, tokens, hidden]), else one layout."""
+    if tensor.is_contiguous():
+        return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype
+    return storage_key(tensor)
+
+
+class _Reshaped:
+    """A copy saved again as another dense shape of its bytes."""
+    __slots__ = ("copy", "shape")
+
+    def __init__(self, copy, shape):
+        self.copy, self.shape = copy, shape
+
+
 class _HostCopy:
     __slots__ = ("arena", "device", "host", "layer", "on_device", "unpacks_left")
 
@@ -144,7 +161,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
                 return recipe
         # the same tensor saved again travels once; the tensor is held until the block ends, so no other tensor
         # of this block can take its address
-        key = storage_key(tensor)
+        key = copy_key(tensor)
         copy = self.layer.saved.get(key, (None, None))[0]
         if copy is None:
             self.stream = self.stream or torch.cuda.Stream(tensor.device)
@@ -157,13 +174,15 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
             self.layer.copies.append(copy)
             self.layer.saved[key] = (copy, tensor)
         copy.unpacks_left += 1
-        return copy
+        return copy if copy.host.shape == tensor.shape else _Reshaped(copy, tensor.shape)
 
     def _unpack(self, copy):
         if isinstance(copy, torch.Tensor):
             return copy
         if isinstance(copy, RecomputedNorm):
             return self.norms.unpack(copy, load=self._unpack)
+        if isinstance(copy, _Reshaped):
+            return self._unpack(copy.copy).view(copy.shape)
         if copy.host is None:
             raise RuntimeError("an offloaded activation was unpacked twice; backward with retain_graph=True is not "
                                "supported with host offload (raise memory_budget_gib, or host_memory_gib=0)")
