@@ -7,10 +7,10 @@ tensors it fetches the whole layer and starts fetching the layer before it, whos
 backward. For a checkpointed layer only its input is saved, so only that travels.
 
 A tensor saved several times in one layer (the input of q, k and v), or as several dense shapes of the same bytes,
-travels once; an RMSNorm output does not travel
-at all when `norms` (a `NormRecompute`) is given: its input travels and the backward recomputes it. Pinned memory comes from a
-`PinnedArena`: slabs allocated once (pinning runs at ~1 GB/s) and carved anew every step, whatever the shapes, so
-packed rows of any length reuse the same bytes: sized up front for the longest row (`reserve`), it never grows.
+travels once; an RMSNorm output does not travel at all when `norms` (a `NormRecompute`) is given: its input travels
+and the backward recomputes it. Pinned memory comes from a `PinnedArena`: slabs allocated once (pinning runs at
+~1 GB/s) and carved anew every step, whatever the shapes, so packed rows of any length reuse the same bytes: sized
+up front for the longest row (`reserve`), it never grows.
 """
 
 import weakref
