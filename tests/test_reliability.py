@@ -34,9 +34,8 @@ from finetune.config.files import hold_lock, lock_holder
 from finetune.config.recipe import RUN_LOCK, compose_recipe, last_checkpoint
 from finetune.models.cache import cache_key, cache_root, cached_dir
 from finetune.training import sft
-from tests.gptq.test_triton_dequant import pythonpath_with
+from tests.subprocesses import REPO, pythonpath_with
 
-REPO = Path(__file__).resolve().parents[1]
 MAINS = {"train": train.main, "evaluate": evaluate.main, "export": export.main, "publish": publish.main,
          "describe": describe.main}
 

@@ -3,12 +3,7 @@
 CI has no GPU: there the kernel runs in Triton's interpreter (fp32 and fp16 outputs; the interpreter truncates
 to bf16 instead of rounding, so bf16 is checked on the GPU only)."""
 
-import os
-import subprocess
-import sys
-import textwrap
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +12,8 @@ from finetune.gptq.format import GPTQConfig, pack
 from finetune.gptq.layer import GPTQLinear, reference_dequantize
 from finetune.gptq.random_checkpoint import random_gptq_linear
 from finetune.gptq.triton_dequant import workspace
+from tests.subprocesses import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 PACKINGS = [GPTQConfig(bits=bits, group_size=group, desc_act=act, checkpoint_format=fmt)
             for bits in (2, 3, 4, 8)
             for group, act, fmt in ((32, True, "gptq"), (-1, True, "gptq_v2"), (64, False, "gptq"))]
@@ -36,16 +31,6 @@ def random_layer(in_features: int, out_features: int, config: GPTQConfig, seed: 
     for name, tensor in tensors.items():
         setattr(layer, name, tensor)
     return layer
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": pythonpath_with(REPO)} | env, check=False)
-
-
-def pythonpath_with(first: Path) -> str:
-    """PYTHONPATH for a child process: `first`, then the caller's own (where the GPU image's wheels live)."""
-    return os.pathsep.join(filter(None, [str(first), os.environ.get("PYTHONPATH")]))
 
 
 def test_imports_without_triton_and_says_what_is_missing():

@@ -15,7 +15,8 @@ from finetune.gptq import layer as gptq_layer
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.layer import reference_dequantize
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
-from tests.gptq.test_triton_dequant import random_layer, run_python
+from tests.gptq.test_triton_dequant import random_layer
+from tests.subprocesses import run_python
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Meditron-70B-GPTQ's branches (4- and 3-bit; group -1, 32, 128; act-order; v1 zero points), plus 2 and 8 bits

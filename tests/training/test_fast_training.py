@@ -28,7 +28,7 @@ from finetune.gpu.fast_training import (
 from finetune.gpu.host_offload import PinnedArena, copy_key
 from finetune.gpu.norm_recompute import NormRecompute
 from finetune.gpu.seeded_dropout import dropout_mask
-from tests.gptq.test_triton_dequant import run_python
+from tests.subprocesses import run_python
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,8 @@ from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import weight_files
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.training import sft
-from tests.gptq.test_triton_dequant import pythonpath_with
+from tests.subprocesses import REPO, pythonpath_with
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "fsdp_worker.py"
 # Meditron-like: a Llama-2-style tokenizer without ChatML's tokens (train.py adds them, and trains their rows of the
 # embedding and of the untied output layer)
