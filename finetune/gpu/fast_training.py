@@ -286,28 +286,47 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int,
             layer(hidden, **kwargs)
             end.record()
         hidden.requires_grad_(True)
-        saved, tensors = {}, {}
-
-        def pack(tensor):
-            packed = norms.pack(tensor) if norms is not None else tensor
-            if packed is tensor:
-                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-                tensors[copy_key(tensor)] = tensor.numel() * tensor.element_size()  # one per HostOffload copy
-            return packed
-
+        saved = SavedTensorCount(norms)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        with (torch.autograd.graph.saved_tensors_hooks(pack, norms.unpack if norms is not None else lambda t: t),
-              norms.recording() if norms is not None else contextlib.nullcontext()):
+        with saved.counting():
             out = layer(hidden, **kwargs)
         torch.autograd.grad(out, hidden, torch.randn_like(out))  # input grad only: leaves LoRA .grad alone
         peak = torch.cuda.max_memory_allocated() - before
     finally:
         layer.gradient_checkpointing = checkpointing
-    saved_bytes = sum(saved.values())
-    return LayerCost(hidden.numel() * hidden.element_size(), saved_bytes, max(peak - saved_bytes, 0),
-                     start.elapsed_time(end) / 1e3, tuple(tensors.values()))
+    return LayerCost(hidden.numel() * hidden.element_size(), saved.bytes, max(peak - saved.bytes, 0),
+                     start.elapsed_time(end) / 1e3, tuple(saved.copies.values()))
+
+
+class SavedTensorCount:
+    """What a forward saves for its backward, counted by saved-tensor hooks: `bytes` of distinct storages held, and
+    `copies` (bytes each, in order) as a host layer's `HostOffload` would copy them. With `norms`, norm outputs are
+    recomputed as in a kept layer: each holds the norm's input instead."""
+
+    def __init__(self, norms: NormRecompute | None = None):
+        self.norms, self.storages, self.copies = norms, {}, {}
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def pack(self, tensor: torch.Tensor):
+        packed = self.norms.pack(tensor) if self.norms is not None else tensor
+        held = tensor if packed is tensor else packed.input
+        self.storages[held.untyped_storage().data_ptr()] = held.untyped_storage().nbytes()
+        self.copies[copy_key(held)] = held.numel() * held.element_size()
+        return packed
+
+    def unpack(self, packed):
+        return self.norms.unpack(packed) if self.norms is not None else packed
+
+    @contextlib.contextmanager
+    def counting(self):
+        with (torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack),
+              self.norms.recording() if self.norms is not None else contextlib.nullcontext()):
+            yield self
 
 
 def linear_parameter_count(model: torch.nn.Module) -> int:

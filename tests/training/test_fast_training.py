@@ -123,6 +123,27 @@ def test_kept_layers_hold_no_norm_output_and_give_the_same_gradients(checkpoint,
     assert [n for n in grads if not torch.equal(grads[n], grads_recomputing[n])] == []
 
 
+def test_the_planner_counts_a_kept_layer_without_its_norm_outputs(checkpoint):
+    """What measure_layer counts of a layer's saved tensors (GPU memory held, and host copies): with norm outputs
+    recomputed, exactly the two norm outputs less (their inputs are held by the norms' own backward anyway)."""
+    model = lora_model(checkpoint)
+    speed_up_lora(model)
+    layer = decoder_layers(model.get_base_model())[1]
+    norms = NormRecompute()
+    norms.watch(layer)
+    hidden = torch.randn(1, 48, TINY.hidden_size, requires_grad=True)
+    position_ids = torch.arange(48)[None]
+    kwargs = {"position_embeddings": fast_training.rotary_embedding(model)(hidden, position_ids),
+              "position_ids": position_ids}
+    counts = []
+    for recompute in (None, norms):
+        with fast_training.SavedTensorCount(recompute).counting() as saved:
+            layer(hidden, **kwargs)
+        counts.append((saved.bytes, sum(saved.copies.values())))
+    norm_outputs = 2 * hidden.numel() * hidden.element_size()
+    assert counts[1] == (counts[0][0] - norm_outputs, counts[0][1] - norm_outputs)
+
+
 def test_a_norm_input_changed_in_place_after_the_forward_is_an_error():
     norm, norms = LlamaRMSNorm(8), NormRecompute()
     norms.watch(norm)
