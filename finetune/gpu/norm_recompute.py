@@ -76,13 +76,16 @@ class NormRecompute(torch.autograd.graph.saved_tensors_hooks):
 
     def pack(self, tensor: torch.Tensor, store=lambda t: t):
         """A recorded norm output as its `RecomputedNorm` (the input kept as `store` gives it), else the tensor."""
-        source = self.outputs.get(storage_key(tensor)) if self.outputs else None
+        if not self.outputs:
+            return tensor
+        key = storage_key(tensor)
+        source = self.outputs.get(key)
         if source is None:
             return tensor
-        recipe = self.recipes.get(storage_key(tensor))
+        recipe = self.recipes.get(key)
         if recipe is None:
             norm, norm_input, _ = source
-            recipe = self.recipes[storage_key(tensor)] = RecomputedNorm(norm, store(norm_input), norm_input._version)
+            recipe = self.recipes[key] = RecomputedNorm(norm, store(norm_input), norm_input._version)
         recipe.unpacks_left += 1
         return recipe
 
