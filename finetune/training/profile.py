@@ -7,8 +7,9 @@ added after the first):
 
     profile.txt          the window's wall time, device time by kind of kernel (matmul, GPTQ dequantise, attention,
                          communication, host copies, other), where the GPU sat idle (main process: the longest
-                         holes in its timeline and the host op that launched the kernel ending each), then torch's
-                         table of the ops that took most time
+                         holes in its timeline and the host op that launched the kernel ending each; and how long
+                         only host copies ran, the kernels waiting on the host link), then torch's table of the ops
+                         that took most time
     profile_trace.json   the timeline, for chrome://tracing or https://ui.perfetto.dev (main process only)
 
 Kernels on different streams (NCCL, host copies) overlap the compute stream, so the kinds can add up to more than
@@ -51,9 +52,22 @@ def device_time_by_kind(events) -> dict[str, float]:
     return totals
 
 
+def _holes(device: list[dict], origin: float) -> tuple[list[tuple[float, float, dict]], float]:
+    """The gaps in which none of `device` (sorted by start) ran, as (length, start after `origin`, the event ending
+    it), and the time in which some ran."""
+    holes, busy_until = [], device[0]["ts"]
+    for event in device:
+        if event["ts"] > busy_until:
+            holes.append((event["ts"] - busy_until, busy_until - origin, event))
+        busy_until = max(busy_until, event["ts"] + event["dur"])
+    return holes, busy_until - device[0]["ts"] - sum(hole[0] for hole in holes)
+
+
 def idle_holes(trace: dict, top: int = 8) -> list[str]:
     """Where no kernel or copy ran, from a chrome trace of torch.profiler: total, by length, and the `top` longest
-    holes with the host op (innermost first) that launched the kernel ending each. Empty without GPU events."""
+    holes with the host op (innermost first) that launched the kernel ending each; then the time in which only host
+    copies ran (the compute waiting on the host link: layers whose activations live in host memory). Empty without
+    GPU events."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     if not device:
@@ -61,11 +75,9 @@ def idle_holes(trace: dict, top: int = 8) -> list[str]:
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
     host_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
     op_starts = [e["ts"] for e in host_ops]
-    holes, busy_until = [], device[0]["ts"]
-    for event in device:
-        if event["ts"] > busy_until:
-            holes.append((event["ts"] - busy_until, busy_until - device[0]["ts"], event))
-        busy_until = max(busy_until, event["ts"] + event["dur"])
+    holes, busy = _holes(device, device[0]["ts"])
+    compute = [e for e in device if kernel_kind(e["name"]) != "host copies"]
+    compute_holes, computing = _holes(compute, device[0]["ts"]) if compute else ([], 0.0)
 
     def launched_by(event) -> str:
         launch = launches.get(event.get("args", {}).get("correlation"))
@@ -80,12 +92,16 @@ def idle_holes(trace: dict, top: int = 8) -> list[str]:
         return f"{length_us / 1e3:.1f} ms"
 
     lengths = [hole[0] for hole in holes]
-    summary = (f"GPU idle: {ms(sum(lengths))} of {ms(busy_until - device[0]['ts'])} in {len(holes)} holes "
+    summary = (f"GPU idle: {ms(sum(lengths))} of {ms(busy + sum(lengths))} in {len(holes)} holes "
                f"({ms(sum(x for x in lengths if x < 5))} in holes under 5 us, "
                f"{ms(sum(x for x in lengths if x >= 1000))} in holes of 1 ms or more)")
     lines = [summary, f"the {top} longest (ms, at ms into the window, the host op that launched the kernel after it):"]
     lines += [f"  {length / 1e3:8.1f} {at / 1e3:9.1f}  {launched_by(event)[:100]}"
               for length, at, event in sorted(holes, key=lambda hole: -hole[0])[:top]]
+    if busy > computing:
+        longest = sorted(compute_holes, key=lambda hole: -hole[0])[:top]
+        lines.append(f"only host copies ran: {ms(busy - computing)}; the longest gaps between kernels (ms at ms into "
+                     "the window): " + ", ".join(f"{length / 1e3:.1f} at {at / 1e3:.1f}" for length, at, _ in longest))
     return lines
 
 

@@ -51,3 +51,16 @@ def test_idle_holes_measure_the_gaps_and_name_the_host_op_that_ended_each():
     assert lines[3].split() == ["0.0", "0.1", "aten::mm"]
     assert idle_holes({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 0,
                                         "dur": 5}]}) == []  # a CPU-only run: no GPU to be idle
+
+
+def test_the_time_in_which_only_host_copies_ran_is_the_compute_waiting_on_the_link():
+    # kernels at 0-100 and 1100-1200, a host-to-GPU copy at 50-1150 (the compute waits 1 ms for it), and a kernel
+    # at 1300-1400 after a 0.1 ms idle hole
+    trace = trace_of([(0, 100, 1), (1100, 100, 2), (1300, 100, 3)], [])
+    trace["traceEvents"].append({"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "tid": 8,
+                                 "ts": 50, "dur": 1100, "args": {}})
+    lines = idle_holes(trace, top=2)
+    assert lines[0].startswith("GPU idle: 0.1 ms of 1.4 ms in 1 holes")
+    assert lines[-1] == ("only host copies ran: 1.0 ms; the longest gaps between kernels (ms at ms into the window): "
+                         "1.0 at 0.1, 0.1 at 1.2")
+    assert not any(line.startswith("only host copies") for line in idle_holes(trace_of([(0, 100, 1)], [])))
