@@ -163,18 +163,25 @@ def apply_liger(base: torch.nn.Module, fused_loss: bool = False) -> None:
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    keep: int  # the last `keep` layers keep their activations on the GPU
+    keep: int  # layers that keep their activations on the GPU: the top `keep` of those not on the host
     offload: int  # the first `offload` layers recompute from an input kept in host memory
     bytes: int  # planned peak of activation memory on the GPU
-    host: int = 0  # layers, spread among those that do not keep, whose activations wait in host memory
+    host: int = 0  # layers, spread evenly over the model, whose activations wait in host memory
 
     def mode(self, index: int, n_layers: int) -> str:
-        if index >= n_layers - self.keep:
-            return "keep"
+        """Host layers are spread over all layers, the top one never among them: the link carries a host layer's
+        activations out while the layers after it run forward and back in while the layers above it run backward,
+        and the top kept layer's backward frees room for the first host layer's. (Host layers all below the kept
+        ones came back one per host layer's backward, each waiting on the link.) Kept layers are the top ones
+        of the rest, so that the backward reaches a recomputing layer only once every kept layer has freed its
+        activations."""
         if index < self.offload:
             return "offload"
-        rest = n_layers - self.keep  # spread: the link carries one layer while the next ones compute
-        return "host" if (index + 1) * self.host // rest > index * self.host // rest else "recompute"
+        from_top = n_layers - 1 - index
+        hosts_above = from_top * self.host // n_layers
+        if (from_top + 1) * self.host // n_layers > hosts_above:
+            return "host"
+        return "keep" if from_top - hosts_above < self.keep else "recompute"
 
 
 class BudgetTooSmall(ValueError):
