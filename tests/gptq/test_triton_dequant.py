@@ -68,12 +68,13 @@ def test_kernel_is_bit_equal_to_reference_in_interpreter():
         from finetune.gptq.layer import reference_dequantize
         from tests.gptq.test_triton_dequant import PACKINGS, random_layer
         for seed, config in enumerate(PACKINGS):
-            # one program per input row in the interpreter: 96 rows hold three groups of 32, or one whole and one
-            # partial group of 64; 136 columns fill part of a tile
-            layer = random_layer(96, 136, config, seed)
+            # 104 rows: three programs of 32 rows and one of 8 at 3-bit (its last packed word padded), 6.5 of 16 at
+            # 2-bit, 13 of 8 at 4-bit; three groups of 32 and a partial one, or one group of 64 and a partial one;
+            # 136 columns fill part of a tile
+            layer = random_layer(104, 136, config, seed)
             for dtype in (torch.float32, torch.float16):
                 out = dequantize_triton(layer, dtype)
-                assert out.shape == (136, 96), out.shape
+                assert out.shape == (136, 104), out.shape
                 assert torch.equal(out, reference_dequantize(layer, dtype)), (config, dtype)
         print("ok", len(PACKINGS))
         """, TRITON_INTERPRET="1")
