@@ -211,9 +211,10 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     the host, within `free_bytes` of GPU memory.
 
     Per layer: `input_bytes` kept when it recomputes, `saved_bytes` when it does not, and `backward_bytes` of
-    working memory while its backward runs. The backward visits the kept (last) layers first, so at any time
+    working memory while its backward runs. The backward visits the kept (top) layers first, so at any time
     at most one layer's recompute is live: the peak is at the end of the forward plus one backward. Of the layers
-    that do not keep, up to `host_share` (what the host link carries in the time the GPU computes them) keep their
+    that do not keep, up to `host_share` of all layers (the share of its layers' forward time in which the link
+    carries one layer's activations: host layers are spread over the whole model, `RecomputePlan.mode`) keep their
     activations in `host_bytes` of pinned memory instead of recomputing: such a layer holds nothing on the GPU (its
     input goes to the host with the rest), but the last one still in flight costs one layer of GPU memory. (Counting
     their inputs as well over-planned by one input per host layer: 2.3 GiB for 37 host layers at 4,096 tokens, the
@@ -221,7 +222,7 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     extra = saved_bytes - input_bytes
     in_flight = saved_bytes if host_share > 0 and host_bytes >= saved_bytes else 0
     for keep in range(n_layers, -1, -1):  # fewer kept layers, more host ones: the peak only falls
-        host = min(int(host_share * (n_layers - keep)), int(host_bytes // saved_bytes)) if in_flight else 0
+        host = min(int(host_share * n_layers), n_layers - keep, int(host_bytes // saved_bytes)) if in_flight else 0
         peak = ((n_layers - host) * input_bytes + backward_bytes + max(keep * extra, saved_bytes)
                 + (in_flight if host else 0))
         if peak <= free_bytes:
