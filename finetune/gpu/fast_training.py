@@ -169,7 +169,7 @@ class RecomputePlan:
     host: int = 0  # layers, spread evenly over the model, whose activations wait in host memory
 
     def mode(self, index: int, n_layers: int) -> str:
-        """Host layers are spread over all layers, the top one never among them: the link carries a host layer's
+        """Host layers are spread over all layers, the top one not among them (unless all are): the link carries a host layer's
         activations out while the layers after it run forward and back in while the layers above it run backward,
         and the top kept layer's backward frees room for the first host layer's. (Host layers all below the kept
         ones came back one per host layer's backward, each waiting on the link.) Kept layers are the top ones
@@ -213,8 +213,8 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     Per layer: `input_bytes` kept when it recomputes, `saved_bytes` when it does not, and `backward_bytes` of
     working memory while its backward runs. The backward visits the kept (top) layers first, so at any time
     at most one layer's recompute is live: the peak is at the end of the forward plus one backward. Of the layers
-    that do not keep, up to `host_share` of all layers (the share of its layers' forward time in which the link
-    carries one layer's activations: host layers are spread over the whole model, `RecomputePlan.mode`) keep their
+    that do not keep, up to `host_share` of all layers (the link moves one layer's activations in the forward time
+    of 1 / host_share layers, and host layers are spread over the whole model, `RecomputePlan.mode`) keep their
     activations in `host_bytes` of pinned memory instead of recomputing: such a layer holds nothing on the GPU (its
     input goes to the host with the rest), but the last one still in flight costs one layer of GPU memory. (Counting
     their inputs as well over-planned by one input per host layer: 2.3 GiB for 37 host layers at 4,096 tokens, the
