@@ -60,9 +60,8 @@ def dequantize_triton(layer, dtype: torch.dtype) -> torch.Tensor:
     grid = (triton.cdiv(in_features, rows), triton.cdiv(out_features, BLOCK_O))
     _dequantize_kernel[grid](
         layer.qweight, layer.qzeros, layer.scales, layer.g_idx, weight, in_features, out_features,
-        layer.qzeros.shape[1],
-        BITS=bits, ROWS=rows, ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0, BLOCK_O=BLOCK_O,
-        num_warps=NUM_WARPS)
+        layer.qzeros.shape[1], BITS=bits, ROWS=rows, ZERO_OFFSET=1 if layer.checkpoint_format == "gptq" else 0,
+        BLOCK_O=BLOCK_O, num_warps=NUM_WARPS)
     return weight.t()
 
 
@@ -118,8 +117,9 @@ if triton is not None:
                 values = values | (_word(j * BITS // 32 + 1, words, second, third) << (32 - j * BITS % 32))
             q = (values & ((1 << BITS) - 1)).to(tl.int32)
             row = tl.program_id(0) * ROWS + j  # input feature
-            inside = col_ok & (row < in_features)
-            group = tl.load(g_idx_ptr + row, mask=row < in_features, other=0)
+            row_ok = row < in_features
+            inside = col_ok & row_ok
+            group = tl.load(g_idx_ptr + row, mask=row_ok, other=0)
             z_words = group * zero_words_per_group + zero_words
             zeros = _bits_at(qzeros_ptr, z_words, z_words + 1, zero_shifts, inside, BITS) + ZERO_OFFSET
             scales = tl.load(scales_ptr + group * out_features + cols, mask=inside, other=0.0)

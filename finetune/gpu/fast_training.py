@@ -169,12 +169,12 @@ class RecomputePlan:
     host: int = 0  # layers, spread evenly over the model, whose activations wait in host memory
 
     def mode(self, index: int, n_layers: int) -> str:
-        """Host layers are spread over all layers, the top one not among them (unless all are): the link carries a host layer's
-        activations out while the layers after it run forward and back in while the layers above it run backward,
-        and the top kept layer's backward frees room for the first host layer's. (Host layers all below the kept
-        ones came back one per host layer's backward, each waiting on the link.) Kept layers are the top ones
-        of the rest, so that the backward reaches a recomputing layer only once every kept layer has freed its
-        activations."""
+        """Host layers are spread over all layers, the top one not among them (unless all are): the link carries a
+        host layer's activations out while the layers after it run forward and back in while the layers above it
+        run backward, and the top kept layer's backward frees room for the first host layer's. (Host layers all
+        below the kept ones came back one per host layer's backward, each waiting on the link.) Kept layers are the
+        top ones of the rest, so that the backward reaches a recomputing layer only once every kept layer has freed
+        its activations."""
         if index < self.offload:
             return "offload"
         from_top = n_layers - 1 - index
