@@ -93,9 +93,9 @@ def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
 
 
 def fused(x: torch.Tensor, dropout: Dropout) -> bool:
-    """Whether `dropout_matmul`'s kernel adds the input gradient of x's dropout: on CUDA, rows a multiple of 4 long
+    """Whether `dropout_matmul`'s kernel adds the input gradient of x's dropout: on CUDA, rows a multiple of 8 long
     (its mask tiles); a test runs it on the CPU in Triton's interpreter by patching this."""
-    return dropout is not None and x.is_cuda and x.shape[-1] % 4 == 0
+    return dropout is not None and x.is_cuda and x.shape[-1] % 8 == 0
 
 
 def plus_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a: torch.Tensor, dropout: Dropout,

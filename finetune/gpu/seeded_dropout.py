@@ -3,11 +3,13 @@ device) alone, so the backward draws the same mask again instead of keeping it.
 
 On CUDA one Triton pass draws the mask and multiplies: x read once and written once. torch's `bernoulli_` +
 multiply wrote the mask and read it back, three times per dropped tensor (forward, and the two uses in the
-backward): ~0.2 s of a 2.3 s step at 70B. The mask (`kept`) takes four uniforms from each Philox call
-(`tl.rand4x`), one per element of four neighbours, rather than one call per element as `tl.rand` would: the draws,
-not the memory, bounded the pass, and four per call cut LoRA dropout's time at 70B's shapes by 40 % (4.20 to
-2.47 ms a decoder layer on an H200, eval/BENCHMARKS.md). On the CPU the mask comes from torch's seeded
-generator. The masks of the two devices differ; each device is self-consistent, which is all the backward needs.
+backward): ~0.2 s of a 2.3 s step at 70B. The draws, not the memory, bounded the pass, so the mask (`kept`) takes
+eight draws of 16 bits from each Philox call (its four 32-bit words cut in halves) where `tl.rand` would make one
+call per element: the drop probability is p rounded to 2**-16 (`drop_below`). Eight per call instead of four made
+the pass memory-bound (44 us for a 70B layer's average dropped input on an H200, against ~38 us to read and write
+it) and train.py recipe=medqa 3 % faster (1,995 to 2,057 tok/s, eval/BENCHMARKS.md). On the CPU the mask comes
+from torch's seeded generator. The masks of the two devices differ; each device is self-consistent, which is all
+the backward needs.
 """
 
 import torch
@@ -38,8 +40,14 @@ def drop_triton(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """`drop` by the Triton kernel (CUDA; on the CPU under TRITON_INTERPRET=1, as the tests run it)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    _drop_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, x.numel(), p, seed, BLOCK=BLOCK)
+    _drop_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, x.numel(), drop_below(p), seed, BLOCK=BLOCK)
     return out
+
+
+def drop_below(p: float) -> int:
+    """The kernels' mask drops an element whose 16 random bits are below round(p * 2**16): a drop probability
+    within 2**-17 of p (0.05 becomes 3277 / 65536 = 0.0500031)."""
+    return round(p * 65536)
 
 
 def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -49,18 +57,21 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def kept(seed, first, p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    def kept(seed, first, drop_below, ROWS: tl.constexpr, COLS: tl.constexpr):
         """The [ROWS, COLS] tile of the mask whose row r starts at flat offset first[r] (first [ROWS, 1] int64, each
-        a multiple of 4): element at offset o is kept where the uniform of Philox counter o // 4, lane o % 4, is
-        >= p. Any kernel that draws a tile this way drops the same elements as `drop`."""
-        counters = first // 4 + tl.arange(0, COLS // 4)[None, :]
-        u0, u1, u2, u3 = tl.rand4x(seed, counters)
-        return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (ROWS, COLS)) >= p
+        a multiple of 8): element at offset o is kept where its 16 bits of Philox counter o // 8 (the call's four
+        32-bit words cut in halves, eight draws) are >= drop_below (`drop_below(p)`). Any kernel that draws a tile
+        this way drops the same elements as `drop`."""
+        counters = first // 8 + tl.arange(0, COLS // 8)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, counters)
+        halves = tl.join(tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16)),
+                         tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16)))
+        return tl.reshape(halves, (ROWS, COLS)).to(tl.int32, bitcast=True) >= drop_below
 
     @triton.jit
-    def _drop_kernel(x_ptr, out_ptr, n, p, seed, BLOCK: tl.constexpr):
+    def _drop_kernel(x_ptr, out_ptr, n, below, seed, BLOCK: tl.constexpr):
         first = tl.full((1, 1), BLOCK, tl.int64) * tl.program_id(0)
         offsets = first + tl.arange(0, BLOCK)[None, :]
         inside = offsets < n
         x = tl.load(x_ptr + offsets, mask=inside)
-        tl.store(out_ptr + offsets, tl.where(kept(seed, first, p, 1, BLOCK), x, 0.0).to(x.dtype), mask=inside)
+        tl.store(out_ptr + offsets, tl.where(kept(seed, first, below, 1, BLOCK), x, 0.0).to(x.dtype), mask=inside)

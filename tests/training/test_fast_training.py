@@ -196,8 +196,9 @@ def assert_lean_dropout_gives_peft_gradients(checkpoint, device):
             module.lora_dropout["default"] = SameMaskDropout(0.1)
     torch.manual_seed(7)
     reference_loss, reference = loss_and_grads(reference_model, tokens)
-    no_dropout_loss = loss_and_grads(reference_model.eval(), tokens)[0]
-    assert abs(reference_loss - no_dropout_loss) > 1e-3  # the masks change the result
+    no_dropout = loss_and_grads(reference_model.eval(), tokens)[1]
+    for name, grad in no_dropout.items():  # the masks change every gradient
+        assert ((reference[name] - grad).norm() / grad.norm()).item() > 0.1, name
 
     model = lora_model(checkpoint, device, dropout=0.1, dtype=torch.float32)
     assert speed_up_lora(model) == {"lean": 7 * TINY.num_hidden_layers}
@@ -239,7 +240,7 @@ def test_dropout_matmul_input_grad_equals_the_unfused_dropout_in_interpreter():
     """fp32: LoRA-A's input gradient with the mask drawn inside the matmul equals `drop_triton` of the plain matmul
     (the same elements dropped), alone, added to a gradient, and added in place, on shapes that are not multiples
     of the blocks, for a rank of 16, a smaller one (padded to tl.dot's 16) and one not a power of two; another
-    seed drops other elements; rows whose length is not a multiple of 4 are refused."""
+    seed drops other elements; rows whose length is not a multiple of 8 are refused."""
     result = run_python("""
         import torch
         from finetune.gpu.dropout_matmul import add_dropped_input_grad
@@ -247,7 +248,7 @@ def test_dropout_matmul_input_grad_equals_the_unfused_dropout_in_interpreter():
         generator = torch.Generator().manual_seed(0)
         close = dict(rtol=1e-5, atol=1e-5)  # tl.dot sums in its own order
         p, seed = 0.25, 2 ** 40 + 7
-        for t, k, r in ((37, 300, 16), (37, 300, 8), (150, 132, 12)):
+        for t, k, r in ((37, 296, 16), (37, 296, 8), (150, 136, 12)):
             a, grad_x = (torch.randn(shape, generator=generator) for shape in ((r, k), (t, k)))
             grad_xa = torch.randn(t, r, generator=generator)
             update = drop_triton(grad_xa @ a, p, seed)
@@ -267,7 +268,7 @@ def test_dropout_matmul_input_grad_equals_the_unfused_dropout_in_interpreter():
     assert result.returncode == 0, result.stderr[-2000:]
     *other_elements, error = result.stdout.splitlines()
     assert other_elements == ["True"] * 3
-    assert error == "dropout_matmul needs rows a multiple of 4 long, got 30: use seeded_dropout.drop and a matmul"
+    assert error == "dropout_matmul needs rows a multiple of 8 long, got 30: use seeded_dropout.drop and a matmul"
 
 
 def test_lora_the_lean_path_cannot_take_is_counted_with_its_reason(checkpoint):
