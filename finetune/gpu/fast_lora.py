@@ -7,8 +7,9 @@ PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters i
   it draws a seed from torch's CPU generator (which checkpointing and resume restore) and draws the mask again
   from that seed in the backward (`seeded_dropout`); on CUDA the input gradient's dropped LoRA-A product is drawn
   and added in one kernel (`dropout_matmul`);
-- adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue), and in the backward adds the
-  adapter's input gradient the same way (dx = addmm(dxa @ A, grad, W)): no separate bf16 add passes;
+- adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue, in place over the update), and in
+  the backward adds the adapter's input gradient the same way (dx = (dxa @ A).addmm_(grad, W)): no separate bf16
+  add passes, no copies;
 - dequantises the GPTQ weight again in the backward rather than keeping it (as GPTQLinear does).
 Projections that share an input and no dropout run their LoRA-A as one matmul (gate and up: [A_gate; A_up]).
 
@@ -149,7 +150,8 @@ class _LoraGPTQ(torch.autograd.Function):
         outputs = []
         for layer, xa_i, b in zip(layers, xa.split([b.shape[1] for b in bs], dim=1), bs):
             weight = dequantizer(x.device)(layer, x.dtype)  # [out, in]; valid until the next dequantise
-            outputs.append(torch.addmm(xa_i @ b.t(), flat, weight.t()).view(*x.shape[:-1], -1))
+            # in place: torch.addmm(c, ...) would first copy c into a new output (a device-to-device copy)
+            outputs.append((xa_i @ b.t()).addmm_(flat, weight.t()).view(*x.shape[:-1], -1))
         ctx.save_for_backward(x, xa, *weights)
         return tuple(outputs)
 
@@ -169,8 +171,8 @@ class _LoraGPTQ(torch.autograd.Function):
             grad_xa = torch.cat(grad_xas, dim=1)
             grad_x = grad_xa @ torch.cat(a_s)
             grad_as = (grad_xa.t() @ flat).split([a.shape[0] for a in a_s])
-        for layer, g in zip(ctx.layers, grads):
-            grad_x = torch.addmm(grad_x, g, dequantizer(g.device)(layer, g.dtype))
+        for layer, g in zip(ctx.layers, grads):  # grad_x is this backward's own: add in place, no copy
+            grad_x = grad_x.addmm_(g, dequantizer(g.device)(layer, g.dtype))
         grad_bs = [g.t() @ xa_i for g, xa_i in zip(grads, xa.split([b.shape[1] for b in bs], dim=1))]
         return None, None, grad_x.view_as(x), *grad_as, *grad_bs
 
@@ -221,15 +223,17 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
 
 
 class _GPTQMatmulPlus(torch.autograd.Function):
-    """x @ W.t() + update in one cuBLAS call. Like GPTQLinear's own matmul it saves nothing (the backward
-    dequantises again); the update's gradient is the output's, passed through."""
+    """x @ W.t() + update in one cuBLAS call, written over `update` (a fresh contiguous product the caller made for
+    this: in place, so no copy of it into a new output). Like GPTQLinear's own matmul it saves nothing (the
+    backward dequantises again); the update's gradient is the output's, passed through."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, update: torch.Tensor, layer: GPTQLinear) -> torch.Tensor:
         ctx.layer = layer
+        ctx.mark_dirty(update)
         weight = dequantizer(x.device)(layer, x.dtype)
-        out = torch.addmm(update.reshape(-1, update.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
-        return out.view(update.shape)
+        update.view(-1, update.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        return update
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

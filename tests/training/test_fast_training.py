@@ -62,14 +62,15 @@ def loss_and_grads(model, tokens):
 
 
 class CountFFNMatmuls(TorchDispatchMode):
-    """Counts matmuls (mm, addmm) against a dense MLP weight: the GPTQ layers' dequantised [in, out] / [out, in]."""
+    """Counts matmuls (mm, addmm, addmm_) against a dense MLP weight: the GPTQ layers' dequantised [in, out] /
+    [out, in]."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        weight = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}.get(func)
+        weight = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten.addmm_.default: 2}.get(func)
         if weight is not None and tuple(args[weight].shape) in ((160, 64), (64, 160)):
             self.count += 1
         return func(*args, **(kwargs or {}))
