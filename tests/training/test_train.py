@@ -270,3 +270,29 @@ def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end
         raise RuntimeError("stopped")
     assert counts[0] > 0 and counts[1] >= counts[0] + 1001 and counts[2] >= counts[1] + 1001 and counts[3] == counts[2]
     assert gc.get_freeze_count() == 0 and len(kept) == 3
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_train_and_eval_walk_the_modules_only_when_one_changes_mode(monkeypatch, use_dora):
+    """The Trainer calls model.train() at every step: after skip_unchanged_mode_switch the walk over the modules
+    runs only when some module is in the other mode, and train() / eval() still reach every module. A model with
+    DoRA (whose train() clears a cache) keeps the walk."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_dropout=0.1, use_dora=use_dora,
+                                                                target_modules=["q_proj", "down_proj"]))
+    sft.skip_unchanged_mode_switch(model)
+    assert ("train" in vars(model)) is not use_dora
+    walks = []
+    walk = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda module, mode=True: walks.append(mode) or walk(module, mode))
+    modes = []
+    one_module = model.base_model.model.model.layers[1].mlp.down_proj
+    for switch in (model.eval, model.eval, model.train, model.train, one_module.eval, model.train):
+        walks.clear()
+        switch()
+        modes.append(({m.training for m in model.modules()}, bool(walks)))
+    assert modes == [({False}, True), ({False}, use_dora), ({True}, True), ({True}, use_dora), ({True, False}, True),
+                     ({True}, True)]
