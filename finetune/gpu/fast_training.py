@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.recipe import RecipeError
 from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
 from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
@@ -200,7 +201,7 @@ def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_
                               host_share=host_share)
     except BudgetTooSmall as err:
         smallest = math.ceil((static_bytes + FAST_PATH_HEADROOM_BYTES + err.free_bytes_needed) / GIB * 10) / 10
-        raise ValueError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
+        raise RecipeError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
                          f"model takes {static_bytes / GIB:.1f} GiB and {err}; the smallest budget that fits is "
                          f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)") from None
 

@@ -53,8 +53,10 @@ from ..config.recipe import (
 from ..data import chatml
 from ..data.registry import load_benchmark, resolve_options
 from ..evaluation.benchmarks import eval_batch_size
+from ..gptq.checkpoint_info import describe_checkpoint
 from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source, tensor_shapes, weight_files
+from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB, estimate_lora_training_memory
 from ..models.source import model_source
 from . import fsdp
 from .eval_callback import SliceAccuracyCallback, training_slice
@@ -134,6 +136,31 @@ def fast_path_runs(cfg: DictConfig) -> bool:
     return bool(cfg.gpu.fast_path) and PartialState().device.type == "cuda"
 
 
+def check_one_gpu_memory(cfg: DictConfig, source) -> None:
+    """Before loading: the fast path's budget (gpu.memory_budget_gib, or 90 % of the card) against what the model
+    alone takes on one GPU: its quantised and dense weights and the adapter with AdamW's state, estimated from the
+    checkpoint's headers (finetune.gptq.memory)."""
+    budget = cfg.gpu.memory_budget_gib
+    if budget is None:
+        budget = 0.9 * torch.cuda.get_device_properties(PartialState().device).total_memory / GIB
+    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r)
+    adapter = estimate_lora_training_memory(info.shape, 0, 0, 1, cfg.lora.r, tuple(cfg.lora.target_modules))
+    model_gib = info.memory_gib["quantised weights"] + info.memory_gib["dense weights"] + adapter["LoRA + AdamW"]
+    check_model_fits(model_gib, budget, default_budget=cfg.gpu.memory_budget_gib is None)
+
+
+def check_model_fits(model_gib: float, budget_gib: float, default_budget: bool) -> None:
+    """A budget below the model plus the fast path's headroom fails before loading (activations only add to it);
+    one above it that the plan still cannot fit fails after loading, naming the smallest budget that does."""
+    needed = model_gib + FAST_PATH_HEADROOM_BYTES / GIB
+    if needed > budget_gib:
+        budget = f"90% of this GPU ({budget_gib:.1f} GiB)" if default_budget else f"gpu.memory_budget_gib={budget_gib:g}"
+        raise RecipeError(f"{budget} cannot hold this model on one GPU: its weights, adapter and AdamW state take "
+                          f"~{needed:.1f} GiB with the fast path's headroom, before any activation (estimate); "
+                          "shard it over several GPUs (accelerate launch --config_file accelerate_fsdp.yaml), pick a "
+                          "lower-bit model.revision, or use a larger card")
+
+
 def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     """`train` as TRL's SFTConfig, plus what the code decides: the seed, ChatML's end of turn, the
     completion-only loss, and (unless `train` says otherwise) bf16 and pinned memory on GPU only."""
@@ -200,6 +227,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     model_dir = check_model(cfg, source)
     if plugin is not None:
         fsdp.check_sharded_memory(cfg, source, PartialState().num_processes, fast_path=fast_path_runs(cfg))
+    elif fast_path_runs(cfg):
+        check_one_gpu_memory(cfg, source)
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
         check_answers_fit(cfg, dataset, model_dir)

@@ -296,3 +296,24 @@ def test_train_and_eval_walk_the_modules_only_when_one_changes_mode(monkeypatch,
         modes.append(({m.training for m in model.modules()}, bool(walks)))
     assert modes == [({False}, True), ({False}, use_dora), ({True}, True), ({True}, use_dora), ({True, False}, True),
                      ({True}, True)]
+
+
+def test_a_one_gpu_budget_below_the_model_fails_before_loading(meditron_like, tmp_path):
+    """The fast path's check before loading (sft.check_one_gpu_memory, from the checkpoint's headers): a budget
+    below the model, its adapter with AdamW's state and the plan's 2 GiB of headroom is refused in one line;
+    a budget above it passes on to the plan."""
+    for budget in (1.0, 2.5):
+        cfg = tiny_run(meditron_like, tmp_path / "run", f"gpu.memory_budget_gib={budget}")
+        if budget == 1.0:
+            with pytest.raises(RecipeError) as error:
+                sft.check_one_gpu_memory(cfg, meditron_like)
+        else:
+            sft.check_one_gpu_memory(cfg, meditron_like)
+    assert str(error.value) == (
+        "gpu.memory_budget_gib=1 cannot hold this model on one GPU: its weights, adapter and AdamW state take ~2.0 GiB "
+        "with the fast path's headroom, before any activation (estimate); shard it over several GPUs (accelerate "
+        "launch --config_file accelerate_fsdp.yaml), pick a lower-bit model.revision, or use a larger card")
+    with pytest.raises(RecipeError, match=r"^90% of this GPU \(36\.0 GiB\) cannot hold this model on one GPU: .* "
+                                          r"take ~39\.7 GiB"):
+        sft.check_model_fits(37.7, 36.0, default_budget=True)  # 70B 4-bit on a 40 GB card
+    sft.check_model_fits(37.7, 40.0, default_budget=False)  # a 48 GB card's: the plan decides after loading
