@@ -24,7 +24,7 @@ OFFLOAD_MIN_BYTES = 2 ** 20  # smaller saved tensors (position ids, norms' stati
 
 class _Layer:
     """What one `with hooks:` block saved."""
-    __slots__ = ("copies", "saved", "previous", "ready", "__weakref__")
+    __slots__ = ("__weakref__", "copies", "previous", "ready", "saved")
 
     def __init__(self, previous):
         self.copies, self.saved, self.previous, self.ready = [], {}, previous, None

@@ -57,16 +57,16 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def kept(seed, first, drop_below, ROWS: tl.constexpr, COLS: tl.constexpr):
+    def kept(seed, first, below, ROWS: tl.constexpr, COLS: tl.constexpr):
         """The [ROWS, COLS] tile of the mask whose row r starts at flat offset first[r] (first [ROWS, 1] int64, each
         a multiple of 8): element at offset o is kept where its 16 bits of Philox counter o // 8 (the call's four
-        32-bit words cut in halves, eight draws) are >= drop_below (`drop_below(p)`). Any kernel that draws a tile
+        32-bit words cut in halves, eight draws) are >= below (`drop_below(p)`). Any kernel that draws a tile
         this way drops the same elements as `drop`."""
         counters = first // 8 + tl.arange(0, COLS // 8)[None, :]
         w0, w1, w2, w3 = tl.randint4x(seed, counters)
         halves = tl.join(tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16)),
                          tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16)))
-        return tl.reshape(halves, (ROWS, COLS)).to(tl.int32, bitcast=True) >= drop_below
+        return tl.reshape(halves, (ROWS, COLS)).to(tl.int32, bitcast=True) >= below
 
     @triton.jit
     def _drop_kernel(x_ptr, out_ptr, n, below, seed, BLOCK: tl.constexpr):
