@@ -8,8 +8,9 @@ added after the first):
     profile.txt          the window's wall time, device time by kind of kernel (matmul, GPTQ dequantise, attention,
                          communication, host copies, other), where the GPU sat idle (main process: the longest
                          holes in its timeline and the host op that launched the kernel ending each; and how long
-                         only host copies ran, the kernels waiting on the host link), then torch's table of the ops
-                         that took most time
+                         only host copies ran, the kernels waiting on the host link; the "other" kernels and
+                         copies by kernel and the host op that launched them), then torch's table of the ops that
+                         took most time
     profile_trace.json   the timeline, for chrome://tracing or https://ui.perfetto.dev (main process only)
 
 Kernels on different streams (NCCL, host copies) overlap the compute stream, so the kinds can add up to more than
@@ -17,6 +18,7 @@ the wall time; the holes are where no stream ran anything: the GPU waiting for t
 """
 
 import bisect
+import collections
 import json
 import re
 import time
@@ -63,21 +65,18 @@ def _holes(device: list[dict], origin: float) -> tuple[list[tuple[float, float, 
     return holes, busy_until - device[0]["ts"] - sum(hole[0] for hole in holes)
 
 
-def idle_holes(trace: dict, top: int = 8) -> list[str]:
-    """Where no kernel or copy ran, from a chrome trace of torch.profiler: total, by length, and the `top` longest
-    holes with the host op (innermost first) that launched the kernel ending each; then the time in which only host
-    copies ran (the compute waiting on the host link: layers whose activations live in host memory). Empty without
-    GPU events."""
+def _device_events(trace: dict) -> tuple[list[dict], list[dict]]:
+    """(all complete events, the GPU's kernels, copies and memsets sorted by start) of a torch.profiler chrome trace."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    if not device:
-        return []
+    return events, device
+
+
+def _launcher(events: list[dict]):
+    """launched_by(device event): the host ops (innermost first, up to three) running when its launch was made."""
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
     host_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
     op_starts = [e["ts"] for e in host_ops]
-    holes, busy = _holes(device, device[0]["ts"])
-    compute = [e for e in device if kernel_kind(e["name"]) != "host copies"]
-    compute_holes, computing = _holes(compute, device[0]["ts"]) if compute else ([], 0.0)
 
     def launched_by(event) -> str:
         launch = launches.get(event.get("args", {}).get("correlation"))
@@ -88,21 +87,57 @@ def idle_holes(trace: dict, top: int = 8) -> list[str]:
                   if op["tid"] == launch["tid"] and op["ts"] + op["dur"] >= launch["ts"]]
         return " < ".join(op["name"] for op in reversed(inside[-3:])) or "?"
 
-    def ms(length_us: float) -> str:
-        return f"{length_us / 1e3:.1f} ms"
+    return launched_by
+
+
+def _ms(length_us: float) -> str:
+    return f"{length_us / 1e3:.1f} ms"
+
+
+def idle_holes(trace: dict, top: int = 8) -> list[str]:
+    """Where no kernel or copy ran, from a chrome trace of torch.profiler: total, by length, and the `top` longest
+    holes with the host op (innermost first) that launched the kernel ending each; then the time in which only host
+    copies ran (the compute waiting on the host link: layers whose activations live in host memory). Empty without
+    GPU events."""
+    events, device = _device_events(trace)
+    if not device:
+        return []
+    launched_by = _launcher(events)
+    holes, busy = _holes(device, device[0]["ts"])
+    compute = [e for e in device if kernel_kind(e["name"]) != "host copies"]
+    compute_holes, computing = _holes(compute, device[0]["ts"]) if compute else ([], 0.0)
 
     lengths = [hole[0] for hole in holes]
-    summary = (f"GPU idle: {ms(sum(lengths))} of {ms(busy + sum(lengths))} in {len(holes)} holes "
-               f"({ms(sum(x for x in lengths if x < 5))} in holes under 5 us, "
-               f"{ms(sum(x for x in lengths if x >= 1000))} in holes of 1 ms or more)")
+    summary = (f"GPU idle: {_ms(sum(lengths))} of {_ms(busy + sum(lengths))} in {len(holes)} holes "
+               f"({_ms(sum(x for x in lengths if x < 5))} in holes under 5 us, "
+               f"{_ms(sum(x for x in lengths if x >= 1000))} in holes of 1 ms or more)")
     lines = [summary, f"the {top} longest (ms, at ms into the window, the host op that launched the kernel after it):"]
     lines += [f"  {length / 1e3:8.1f} {at / 1e3:9.1f}  {launched_by(event)[:100]}"
               for length, at, event in sorted(holes, key=lambda hole: -hole[0])[:top]]
     if busy > computing:
         longest = sorted(compute_holes, key=lambda hole: -hole[0])[:top]
-        lines.append(f"only host copies ran: {ms(busy - computing)}; the longest gaps between kernels (ms at ms into "
+        lines.append(f"only host copies ran: {_ms(busy - computing)}; the longest gaps between kernels (ms at ms into "
                      "the window): " + ", ".join(f"{length / 1e3:.1f} at {at / 1e3:.1f}" for length, at, _ in longest))
     return lines
+
+
+def other_device_time(trace: dict, top: int = 8) -> list[str]:
+    """The device time of the kernels of kind "other" (elementwise passes, device-to-device copies, memsets, custom
+    kernels), by kernel and the host op that launched it, the `top` largest: where the passes beside the matmuls
+    come from. Empty without GPU events."""
+    events, device = _device_events(trace)
+    others = [e for e in device if kernel_kind(e["name"]) == "other"]
+    if not others:
+        return []
+    launched_by = _launcher(events)
+    time, count = collections.Counter(), collections.Counter()
+    for event in others:
+        key = f"{event['name'][:60]}  <  {launched_by(event)[:100]}"
+        time[key] += event["dur"]
+        count[key] += 1
+    header = (f"'other' on the GPU: {_ms(sum(time.values()))} in {len(others)} kernels and copies; the {top} largest "
+              "by kernel and the host op that launched it (ms, count):")
+    return [header, *(f"  {length / 1e3:8.1f} {count[key]:6d}  {key}" for key, length in time.most_common(top))]
 
 
 def profile_report(wall_s: float, events, trace: dict | None = None) -> str:
@@ -110,9 +145,9 @@ def profile_report(wall_s: float, events, trace: dict | None = None) -> str:
     lines = [f"one optimiser step: {wall_s:.3f} s wall", "", "device time by kind (seconds, share of the wall time):"]
     lines += [f"  {kind:32s} {seconds:8.3f}  {seconds / wall_s:6.1%}" for kind, seconds in
               sorted(by_kind.items(), key=lambda item: -item[1])]
-    holes = idle_holes(trace) if trace is not None else []
+    sections = [idle_holes(trace), other_device_time(trace)] if trace is not None else []
     sort_by = "self_device_time_total" if any(by_kind.values()) else "self_cpu_time_total"
-    return "\n".join([*lines, *([""] + holes if holes else []), "",
+    return "\n".join([*lines, *(line for section in sections if section for line in ["", *section]), "",
                       events.table(sort_by=sort_by, row_limit=40, max_name_column_width=70)])
 
 

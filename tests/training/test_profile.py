@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import TrainerControl, TrainerState
 
-from finetune.training.profile import ProfileStep, idle_holes
+from finetune.training.profile import ProfileStep, idle_holes, other_device_time
 
 
 def test_the_window_runs_from_the_end_of_the_step_before_to_the_end_of_the_profiled_step(tmp_path):
@@ -64,3 +64,22 @@ def test_the_time_in_which_only_host_copies_ran_is_the_compute_waiting_on_the_li
     assert lines[-1] == ("only host copies ran: 1.0 ms; the longest gaps between kernels (ms at ms into the window): "
                          "1.0 at 0.1, 0.1 at 1.2")
     assert not any(line.startswith("only host copies") for line in idle_holes(trace_of([(0, 100, 1)], [])))
+
+
+def test_other_device_time_names_each_pass_beside_the_matmuls_and_what_launched_it():
+    # a GEMM (not "other"), two device-to-device copies launched inside aten::addmm under a LoRA forward, and a
+    # Triton kernel launched outside any recorded op
+    trace = trace_of([(0, 900, 1), (1000, 300, 2), (1400, 200, 3), (1700, 50, 4)],
+                     [("_LoraGPTQ", 990, 700), ("aten::addmm", 995, 10), ("aten::addmm", 1395, 10)])
+    names = {1: "nvjet_sm90_tst_128x256_TNN", 2: "Memcpy DtoD (Device -> Device)", 3: "Memcpy DtoD (Device -> Device)",
+             4: "_drop_kernel"}
+    for event in trace["traceEvents"]:
+        if event["cat"] == "kernel":
+            event["name"] = names[event["args"]["correlation"]]
+    lines = other_device_time(trace, top=2)
+    assert lines[0] == ("'other' on the GPU: 0.6 ms in 3 kernels and copies; the 2 largest by kernel and the host op "
+                        "that launched it (ms, count):")
+    assert [line.split() for line in lines[1:]] == [
+        ["0.5", "2", "Memcpy", "DtoD", "(Device", "->", "Device)", "<", "aten::addmm", "<", "_LoraGPTQ"],
+        ["0.1", "1", "_drop_kernel", "<", "?"]]
+    assert other_device_time(trace_of([], [])) == []
