@@ -8,8 +8,8 @@ eight draws of 16 bits from each Philox call (its four 32-bit words cut in halve
 call per element: the drop probability is p rounded to 2**-16 (`drop_below`). Eight per call instead of four made
 the pass memory-bound (44 us for a 70B layer's average dropped input on an H200, against ~38 us to read and write
 it): LoRA dropout's kernels take ~85 ms of a 2 s train.py step at 70B, ~20 ms less (eval/BENCHMARKS.md). On the CPU
-the mask comes from torch's seeded generator. The masks of the two devices differ; each device is self-consistent, which is all
-the backward needs.
+the mask comes from torch's seeded generator. The masks of the two devices differ; each device is self-consistent,
+which is all the backward needs.
 """
 
 import torch
