@@ -16,7 +16,9 @@ evaluation, checkpoint saves and garbage collection, host RSS, pinned bytes, GPU
 (results.json, table.md in --out) tokens/s after the warm-up steps (over training time, and over the wall time),
 the slowest step after warm-up against the median, host memory at the first and last step. A run still going at
 --deadline-s is stopped and reported on the steps it logged. --synthetic also runs the benchmark loop
-(bench.train_speed) on the same checkpoint.
+(bench.train_speed) on the same checkpoint. --baseline DIR (another revision's checkout) also runs that
+checkout's train.py before and after this one's, A B A: two trees compared in one call, with the drift of the
+machine over the call in plain view (the tenth session's comparisons, older tree first, may hold some).
 """
 
 import argparse
@@ -109,17 +111,18 @@ def peer_case(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the product
 
-def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, extra: list[str]) -> dict:
-    """`accelerate launch finetune/train.py recipe=medqa ...` in its own process group, stopped at `deadline`
-    (time.monotonic()); its metrics.json holds every step it logged."""
-    run_dir = out / "product"
+def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, extra: list[str],
+                 repo: Path = REPO_ROOT, name: str = "product") -> dict:
+    """`accelerate launch finetune/train.py recipe=medqa ...` from the checkout `repo` in its own process group,
+    stopped at `deadline` (time.monotonic()), into out/`name`; its metrics.json holds every step it logged."""
+    run_dir = out / name
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "finetune/train.py", "recipe=medqa",
                *recipe_overrides(checkpoint, steps), f"output_dir={run_dir}", *extra]
-    env = os.environ | {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = os.environ | {"PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                         "PYTHONUNBUFFERED": "1"}
-    with open(out / "product.log", "w") as output:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+    with open(out / f"{name}.log", "w") as output:
+        proc = subprocess.Popen(command, cwd=repo, env=env, stdout=output, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             returncode = proc.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -127,8 +130,8 @@ def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, e
             os.killpg(proc.pid, signal.SIGTERM)
             returncode = "stopped at the deadline"
             proc.wait()
-    text = (out / "product.log").read_text()
-    log.write(f"\n===== product\n{text}\n")
+    text = (out / f"{name}.log").read_text()
+    log.write(f"\n===== {name}\n{text}\n")
     result = {"command": shlex.join(["accelerate", "launch", *command[5:]]), "returncode": returncode,
               "fast_path_lines": [line for line in text.splitlines() if line.startswith("fast GPU path")]}
     metrics = run_dir / "metrics.json"
@@ -179,6 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--deadline-s", type=float, default=None, help="stop train.py after this many seconds "
                                                                         "of the whole benchmark")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--baseline", default=None, help="a checkout of another revision (git worktree add DIR REV): "
+                                                         "its train.py runs before and after this one's, on the same "
+                                                         "rows, so the order of the runs shows in the figures")
     parser.add_argument("--synthetic", action="store_true", help="also the benchmark loop (bench.train_speed)")
     parser.add_argument("--out", default="runs/product")
     parser.add_argument("overrides", nargs="*", help="more key=value for train.py (e.g. eval.during_training...)")
@@ -210,7 +216,13 @@ def main(argv=None) -> None:
                 sys.exit(f"error: writing the random checkpoint failed: {results['write']['error']}")
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
-        record("train.py", product_case(checkpoint, args.steps, out, deadline, log, args.overrides), args.warmup)
+        runs = [("train.py", REPO_ROOT, "product")]
+        if args.baseline:  # A B A: a machine that speeds up or slows down during the call shows as A != A
+            baseline = Path(args.baseline).resolve()
+            runs = [("baseline (first)", baseline, "baseline-1"), *runs, ("baseline (again)", baseline, "baseline-2")]
+        for label, repo, name in runs:
+            record(label, product_case(checkpoint, args.steps, out, deadline, log, args.overrides, repo, name),
+                   args.warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
                             "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")], cwd=REPO_ROOT, check=False)
