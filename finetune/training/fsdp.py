@@ -27,7 +27,6 @@ from accelerate import PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
 from ..config.recipe import RecipeError
-from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 
 FIX = "see accelerate_fsdp.yaml"
 
@@ -63,24 +62,6 @@ def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin) -> None:
     if plugin.cpu_ram_efficient_loading:
         raise RecipeError("fsdp_cpu_ram_efficient_loading: true broadcasts rank 0's whole model; set it to false: "
                           f"each rank reads only its shard of the checkpoint, straight to its GPU ({FIX})")
-
-
-def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_length: int,
-                     fast_path: bool = False) -> None:
-    """A cap (gpu.memory_budget_gib) below the sharded plan's estimated per-GPU peak fails before loading; with the
-    fast path, below that peak plus the headroom its recompute plan keeps (FAST_PATH_HEADROOM_BYTES), which the
-    plain path does without."""
-    if cap_gib is None:
-        return
-    if per_gpu_gib > cap_gib:
-        raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{per_gpu_gib:.1f} GiB per GPU this model "
-                          f"needs sharded over {gpus} GPUs at train.max_length={max_length} (estimate); use more "
-                          "GPUs, a shorter train.max_length or a lower-bit branch, or raise the cap")
-    with_margin = per_gpu_gib + FAST_PATH_HEADROOM_BYTES / GIB
-    if fast_path and with_margin > cap_gib:
-        raise RecipeError(f"gpu.memory_budget_gib={cap_gib} is below the ~{with_margin:.1f} GiB per GPU the fast path "
-                          f"plans for sharded over {gpus} GPUs at train.max_length={max_length} (estimate); pass "
-                          f"gpu.fast_path=false (every layer recomputed, ~{per_gpu_gib:.1f} GiB) or raise the cap")
 
 
 def apply_memory_cap(cap_gib: float | None) -> None:
@@ -182,16 +163,6 @@ def keep_stored_dtypes(plugin: FullyShardedDataParallelPlugin) -> None:
     the fp16 GPTQ scales to bf16 (a rounding one GPU never makes) and the integers held as floats (garbage)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-
-
-def check_sharded_memory(cfg, source, gpus: int, fast_path: bool) -> None:
-    """gpu.memory_budget_gib against the sharded plan's estimate (finetune.gptq.memory), from the checkpoint's
-    headers alone; fast_path: the fast GPU path will plan the run."""
-    if cfg.gpu.memory_budget_gib is None:
-        return
-    from ..gptq.checkpoint_info import describe_checkpoint
-    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus)
-    check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
 
 
 def gather_head_with_backbone(model: torch.nn.Module) -> None:

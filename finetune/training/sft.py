@@ -12,12 +12,11 @@ Everything that can fail on a user's input (recipe values, model source and bran
 checked in `prepare`, before any weight is loaded.
 """
 
-import gc
 import json
 import math
 import os
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +27,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
 from peft.utils.other import TrainableTokensWrapper
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    TrainerCallback,
-    get_scheduler,
-    set_seed,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from .. import load_model
@@ -53,13 +44,12 @@ from ..config.recipe import (
 from ..data import chatml
 from ..data.registry import load_benchmark, resolve_options
 from ..evaluation.benchmarks import eval_batch_size
-from ..gptq.checkpoint_info import describe_checkpoint
 from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source, tensor_shapes, weight_files
-from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB, estimate_lora_training_memory
 from ..models.source import model_source
-from . import fsdp
+from . import budget, fsdp
 from .eval_callback import SliceAccuracyCallback, training_slice
+from .host_steps import frozen_heap, skip_unchanged_mode_switch
 from .profile import ProfileStep
 from .run_report import RunReport, save_adapter, save_config
 
@@ -136,31 +126,6 @@ def fast_path_runs(cfg: DictConfig) -> bool:
     return bool(cfg.gpu.fast_path) and PartialState().device.type == "cuda"
 
 
-def check_one_gpu_memory(cfg: DictConfig, source) -> None:
-    """Before loading: the fast path's budget (gpu.memory_budget_gib, or 90 % of the card) against what the model
-    alone takes on one GPU: its quantised and dense weights and the adapter with AdamW's state, estimated from the
-    checkpoint's headers (finetune.gptq.memory)."""
-    budget = cfg.gpu.memory_budget_gib
-    if budget is None:
-        budget = 0.9 * torch.cuda.get_device_properties(PartialState().device).total_memory / GIB
-    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r)
-    adapter = estimate_lora_training_memory(info.shape, 0, 0, 1, cfg.lora.r, tuple(cfg.lora.target_modules))
-    model_gib = info.memory_gib["quantised weights"] + info.memory_gib["dense weights"] + adapter["LoRA + AdamW"]
-    check_model_fits(model_gib, budget, default_budget=cfg.gpu.memory_budget_gib is None)
-
-
-def check_model_fits(model_gib: float, budget_gib: float, default_budget: bool) -> None:
-    """A budget below the model plus the fast path's headroom fails before loading (activations only add to it);
-    one above it that the plan still cannot fit fails after loading, naming the smallest budget that does."""
-    needed = model_gib + FAST_PATH_HEADROOM_BYTES / GIB
-    if needed > budget_gib:
-        budget = f"90% of this GPU ({budget_gib:.1f} GiB)" if default_budget else f"gpu.memory_budget_gib={budget_gib:g}"
-        raise RecipeError(f"{budget} cannot hold this model on one GPU: its weights, adapter and AdamW state take "
-                          f"~{needed:.1f} GiB with the fast path's headroom, before any activation (estimate); "
-                          "shard it over several GPUs (accelerate launch --config_file accelerate_fsdp.yaml), pick a "
-                          "lower-bit model.revision, or use a larger card")
-
-
 def sft_config(cfg: DictConfig, output_dir: Path) -> SFTConfig:
     """`train` as TRL's SFTConfig, plus what the code decides: the seed, ChatML's end of turn, the
     completion-only loss, and (unless `train` says otherwise) bf16 and pinned memory on GPU only."""
@@ -226,9 +191,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     source = model_source(cfg)
     model_dir = check_model(cfg, source)
     if plugin is not None:
-        fsdp.check_sharded_memory(cfg, source, PartialState().num_processes, fast_path=fast_path_runs(cfg))
+        budget.check_sharded_memory(cfg, source, PartialState().num_processes, fast_path=fast_path_runs(cfg))
     elif fast_path_runs(cfg):
-        check_one_gpu_memory(cfg, source)
+        budget.check_one_gpu_memory(cfg, source)
     with PartialState().main_process_first():  # one process downloads and caches, the others read the cache
         dataset, data_report = load_training_data(cfg)
         check_answers_fit(cfg, dataset, model_dir)
@@ -301,29 +266,6 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     return trainer
 
 
-# train() overrides that do nothing more than nn.Module.train when the mode does not change
-PLAIN_TRAIN = (torch.nn.Module.train, PreTrainedModel.train)
-
-
-def skip_unchanged_mode_switch(model: torch.nn.Module) -> None:
-    """Make model.train(mode) / model.eval() return at once when every module is in that mode already.
-
-    The Trainer calls model.train() at every step. On a 70B LoRA model that sets `training` on ~6,600 modules
-    through nn.Module.__setattr__ (~15 ms of host time, ~30 ms with the rest of the step's start, in which the GPU
-    waits: profile_step shows it as the hole before the embedding); reading the flags takes a third of that. A model
-    holding a module whose own train() does more (PEFT's DoRA clears a cache) keeps the full walk every time."""
-    if any(type(module).train not in PLAIN_TRAIN for module in model.modules()):
-        return
-    walk = model.train
-
-    def train(mode: bool = True):
-        if any(module.training != mode for module in model.modules()):
-            walk(mode)
-        return model
-
-    model.train = train
-
-
 def is_final_checkpoint(checkpoint: Path, args: SFTConfig) -> bool:
     """Whether `checkpoint` is at the last step this run plans (train.max_steps, or the epochs it started with)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -372,30 +314,3 @@ def train(cfg: DictConfig, command: str = "", callbacks=()) -> SFTTrainer:
                 trainer.train(resume_from_checkpoint=str(prepared.resume_from) if prepared.resume_from else None)
         save_adapter(trainer, run_dir)
     return trainer
-
-
-class FreezeHeap(TrainerCallback):
-    """Python's garbage collector leaves long-lived objects out of its full passes: those alive when training starts
-    (model, data, tokenizer) and those the first `warmup_steps` make and keep (optimizer state, compiled kernels,
-    caches). Each full pass would otherwise walk them all in the middle of some step: ~0.16 s every ~14 steps at 70B
-    with only the start frozen. Use it through `frozen_heap`, which undoes the freeze when training ends."""
-
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps = warmup_steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step <= self.warmup_steps:
-            gc.collect()
-            gc.freeze()
-
-
-@contextmanager
-def frozen_heap(warmup_steps: int = 2):
-    """Yields the FreezeHeap callback for the Trainer, with the heap alive now frozen; unfreezes everything when
-    training ends, however it ends."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield FreezeHeap(warmup_steps)
-    finally:
-        gc.unfreeze()

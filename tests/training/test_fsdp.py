@@ -154,7 +154,7 @@ def test_a_cap_below_the_sharded_plan_fails_before_loading(checkpoint, tmp_path,
 def test_a_cap_that_fits_only_the_plain_path_names_it_before_loading():
     """The fast path keeps 2 GiB of headroom beyond the estimate (its plan's margin): a cap between the two names
     gpu.fast_path=false, which fits; a cap above both passes."""
-    from finetune.training.fsdp import check_memory_cap
+    from finetune.training.budget import check_memory_cap
     check_memory_cap(23.5, 24, 2, 1024)  # the plain path: fits
     with pytest.raises(RecipeError, match=r"^gpu.memory_budget_gib=24 is below the ~25\.5 GiB per GPU the fast path "
                                           r"plans for sharded over 2 GPUs at train.max_length=1024 \(estimate\); pass "

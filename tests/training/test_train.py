@@ -25,7 +25,7 @@ from finetune.config.recipe import RecipeError, compose_recipe
 from finetune.gptq import GPTQConfig
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.models.source import model_source
-from finetune.training import sft
+from finetune.training import budget, host_steps, sft
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,7 +261,7 @@ def test_frozen_heap_freezes_what_the_warmup_steps_keep_and_unfreezes_at_the_end
     from transformers import TrainerControl, TrainerState
 
     counts, kept = [], []
-    with pytest.raises(RuntimeError, match="stopped"), sft.frozen_heap(warmup_steps=2) as freeze:
+    with pytest.raises(RuntimeError, match="stopped"), host_steps.frozen_heap(warmup_steps=2) as freeze:
         counts.append(gc.get_freeze_count())
         for step in (1, 2, 3):
             kept.append([[] for _ in range(1000)])  # what a step makes and keeps (1,001 tracked lists)
@@ -283,7 +283,7 @@ def test_train_and_eval_walk_the_modules_only_when_one_changes_mode(monkeypatch,
                          num_key_value_heads=2, vocab_size=128)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_dropout=0.1, use_dora=use_dora,
                                                                 target_modules=["q_proj", "down_proj"]))
-    sft.skip_unchanged_mode_switch(model)
+    host_steps.skip_unchanged_mode_switch(model)
     assert ("train" in vars(model)) is not use_dora
     walks = []
     walk = torch.nn.Module.train
@@ -299,21 +299,21 @@ def test_train_and_eval_walk_the_modules_only_when_one_changes_mode(monkeypatch,
 
 
 def test_a_one_gpu_budget_below_the_model_fails_before_loading(meditron_like, tmp_path):
-    """The fast path's check before loading (sft.check_one_gpu_memory, from the checkpoint's headers): a budget
+    """The fast path's check before loading (budget.check_one_gpu_memory, from the checkpoint's headers): a budget
     below the model, its adapter with AdamW's state and the plan's 2 GiB of headroom is refused in one line;
     a budget above it passes on to the plan."""
-    for budget in (1.0, 2.5):
-        cfg = tiny_run(meditron_like, tmp_path / "run", f"gpu.memory_budget_gib={budget}")
-        if budget == 1.0:
+    for gib in (1.0, 2.5):
+        cfg = tiny_run(meditron_like, tmp_path / "run", f"gpu.memory_budget_gib={gib}")
+        if gib == 1.0:
             with pytest.raises(RecipeError) as error:
-                sft.check_one_gpu_memory(cfg, meditron_like)
+                budget.check_one_gpu_memory(cfg, meditron_like)
         else:
-            sft.check_one_gpu_memory(cfg, meditron_like)
+            budget.check_one_gpu_memory(cfg, meditron_like)
     assert str(error.value) == (
         "gpu.memory_budget_gib=1 cannot hold this model on one GPU: its weights, adapter and AdamW state take ~2.0 GiB "
         "with the fast path's headroom, before any activation (estimate); shard it over several GPUs (accelerate "
         "launch --config_file accelerate_fsdp.yaml), pick a lower-bit model.revision, or use a larger card")
     with pytest.raises(RecipeError, match=r"^90% of this GPU \(36\.0 GiB\) cannot hold this model on one GPU: .* "
                                           r"take ~39\.7 GiB"):
-        sft.check_model_fits(37.7, 36.0, default_budget=True)  # 70B 4-bit on a 40 GB card
-    sft.check_model_fits(37.7, 40.0, default_budget=False)  # a 48 GB card's: the plan decides after loading
+        budget.check_model_fits(37.7, 36.0, default_budget=True)  # 70B 4-bit on a 40 GB card
+    budget.check_model_fits(37.7, 40.0, default_budget=False)  # a 48 GB card's: the plan decides after loading
