@@ -8,8 +8,10 @@
     trainer          TRL SFTTrainer on prompt-completion pairs: loss on the answer and its <|im_end|> only;
                      packing is padding-free (position_ids restart per example, so attention stays inside it)
 
-Everything that can fail on a user's input (recipe values, model source and branch, LoRA targets, data) is
-checked in `prepare`, before any weight is loaded.
+Everything that can fail on a user's input (recipe values, model source and branch, LoRA targets, data, a memory
+budget below the model) is checked in `prepare`, before any weight is loaded; a budget the fast path's recompute plan
+cannot fit is known only once a layer is measured on the GPU, and fails then in one line naming the smallest that
+fits.
 """
 
 import json
