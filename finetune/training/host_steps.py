@@ -3,6 +3,7 @@ the modules at each step's start, and Python's garbage collector's full passes o
 """
 
 import gc
+import types
 from contextlib import contextmanager
 
 import torch
@@ -19,16 +20,14 @@ def skip_unchanged_mode_switch(model: torch.nn.Module) -> None:
     through nn.Module.__setattr__ (~15 ms of host time, ~30 ms with the rest of the step's start, in which the GPU
     waits: profile_step shows it as the hole before the embedding); reading the flags takes a third of that. A model
     holding a module whose own train() does more (PEFT's DoRA clears a cache) keeps the full walk every time."""
-    if any(type(module).train not in PLAIN_TRAIN for module in model.modules()):
-        return
-    walk = model.train
+    if all(type(module).train in PLAIN_TRAIN for module in model.modules()):
+        model.train = types.MethodType(_train_unless_unchanged, model)  # bound: a deep copy binds to the copy
 
-    def train(mode: bool = True):
-        if any(module.training != mode for module in model.modules()):
-            walk(mode)
-        return model
 
-    model.train = train
+def _train_unless_unchanged(self, mode: bool = True):
+    if any(module.training != mode for module in self.modules()):
+        type(self).train(self, mode)
+    return self
 
 
 class FreezeHeap(TrainerCallback):

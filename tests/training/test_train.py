@@ -8,6 +8,7 @@ run under `accelerate launch`, the added tokens' own rows, and packing without a
 killed and resumed: tests/test_reliability.py.)
 """
 
+import copy
 import json
 import subprocess
 import sys
@@ -296,6 +297,9 @@ def test_train_and_eval_walk_the_modules_only_when_one_changes_mode(monkeypatch,
         modes.append(({m.training for m in model.modules()}, bool(walks)))
     assert modes == [({False}, True), ({False}, use_dora), ({True}, True), ({True}, use_dora), ({True, False}, True),
                      ({True}, True)]
+    twin = copy.deepcopy(model)  # its train() switches the copy, not the original
+    twin.eval()
+    assert {m.training for m in twin.modules()} == {False} and {m.training for m in model.modules()} == {True}
 
 
 def test_a_one_gpu_budget_below_the_model_fails_before_loading(meditron_like, tmp_path):
