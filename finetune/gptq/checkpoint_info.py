@@ -64,8 +64,9 @@ def _hub_tensors(repo_id: str, revision: str | None) -> tuple[dict, dict]:
 
 
 def describe_checkpoint(source: str, revision: str | None = None, seq_len: int = 4096, lora_r: int = 16,
-                        gpus: int = 1) -> CheckpointInfo:
-    """The checkpoint's settings, shards and modules; memory_gib per GPU when sharded over `gpus` (FSDP2)."""
+                        gpus: int = 1, lora_targets: tuple[str, ...] | None = None) -> CheckpointInfo:
+    """The checkpoint's settings, shards and modules; memory_gib per GPU when sharded over `gpus` (FSDP2), for LoRA
+    on `lora_targets` (default: all seven projections)."""
     model_dir = resolve_source(source, revision, weights=False)
     gptq = read_gptq_config(model_dir)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
@@ -76,7 +77,8 @@ def describe_checkpoint(source: str, revision: str | None = None, seq_len: int =
     in_quantised = {n: n.rsplit(".", 1)[0] in quantised_modules for n in tensors}
     quantised = sum(info.tensor_bytes(n) for n, q in in_quantised.items() if q)
     dense_params = sum(info.tensor_numel(n) for n, q in in_quantised.items() if not q)
-    info.memory_gib = estimate_lora_training_memory(shape, quantised, dense_params, seq_len, lora_r, gpus=gpus)
+    info.memory_gib = estimate_lora_training_memory(shape, quantised, dense_params, seq_len, lora_r, lora_targets,
+                                                    gpus=gpus)
     return info
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from ..config.recipe import RecipeError
 from ..gptq.checkpoint_info import describe_checkpoint
-from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB, estimate_lora_training_memory
+from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 
 
 def check_memory_cap(per_gpu_gib: float, cap_gib: float | None, gpus: int, max_length: int,
@@ -47,9 +47,9 @@ def check_one_gpu_memory(cfg: DictConfig, source) -> None:
     budget = cfg.gpu.memory_budget_gib
     if budget is None:
         budget = 0.9 * torch.cuda.get_device_properties(PartialState().device).total_memory / GIB
-    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r)
-    adapter = estimate_lora_training_memory(info.shape, 0, 0, 1, cfg.lora.r, tuple(cfg.lora.target_modules))
-    model_gib = info.memory_gib["quantised weights"] + info.memory_gib["dense weights"] + adapter["LoRA + AdamW"]
+    memory = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r,
+                                 lora_targets=tuple(cfg.lora.target_modules)).memory_gib
+    model_gib = memory["quantised weights"] + memory["dense weights"] + memory["LoRA + AdamW"]
     check_model_fits(model_gib, budget, default_budget=cfg.gpu.memory_budget_gib is None)
 
 
@@ -58,7 +58,8 @@ def check_model_fits(model_gib: float, budget_gib: float, default_budget: bool) 
     one above it that the plan still cannot fit fails after loading, naming the smallest budget that does."""
     needed = model_gib + FAST_PATH_HEADROOM_BYTES / GIB
     if needed > budget_gib:
-        budget = f"90% of this GPU ({budget_gib:.1f} GiB)" if default_budget else f"gpu.memory_budget_gib={budget_gib:g}"
+        budget = (f"90% of this GPU ({budget_gib:.1f} GiB)" if default_budget
+                  else f"gpu.memory_budget_gib={budget_gib:g}")
         raise RecipeError(f"{budget} cannot hold this model on one GPU: its weights, adapter and AdamW state take "
                           f"~{needed:.1f} GiB with the fast path's headroom, before any activation (estimate); "
                           "shard it over several GPUs (accelerate launch --config_file accelerate_fsdp.yaml), pick a "
