@@ -203,7 +203,8 @@ def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_
         smallest = math.ceil((static_bytes + FAST_PATH_HEADROOM_BYTES + err.free_bytes_needed) / GIB * 10) / 10
         raise RecipeError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
                           f"model takes {static_bytes / GIB:.1f} GiB and {err}; the smallest budget that fits is "
-                          f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)") from None
+                          f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)"
+                          ) from None
 
 
 def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, free_bytes: float,

@@ -68,7 +68,8 @@ def _holes(device: list[dict], origin: float) -> tuple[list[tuple[float, float, 
 def _device_events(trace: dict) -> tuple[list[dict], list[dict]]:
     """(all complete events, the GPU's kernels, copies and memsets sorted by start) of a torch.profiler chrome trace."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
-    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
     return events, device
 
 

@@ -71,7 +71,8 @@ class CountFFNMatmuls(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        weight = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten.addmm_.default: 2}.get(func)
+        aten = torch.ops.aten
+        weight = {aten.mm.default: 1, aten.addmm.default: 2, aten.addmm_.default: 2}.get(func)
         if weight is not None and tuple(args[weight].shape) in ((160, 64), (64, 160)):
             self.count += 1
         return func(*args, **(kwargs or {}))
