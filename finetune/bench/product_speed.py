@@ -136,10 +136,17 @@ def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, e
               "fast_path_lines": [line for line in text.splitlines() if line.startswith("fast GPU path")]}
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
-        return result | {"error": (text.strip().splitlines() or ["no output"])[-1][:300]}
+        return result | {"error": failure(returncode, text)}
     metrics = json.loads(metrics.read_text())
     profiled = OmegaConf.load(run_dir / "config.yaml").get("profile_step")  # the run's resolved recipe
     return result | {"speed": metrics["speed"], "fast_path": metrics["fast_path"], "profiled": profiled}
+
+
+def failure(returncode, log: str) -> str:
+    """Why a train.py run logged no step: the deadline, or the last line it wrote (its error)."""
+    if returncode == "stopped at the deadline":
+        return "stopped at the deadline before its first step was logged (raise --deadline-s or lower --steps)"
+    return (log.strip().splitlines() or ["no output"])[-1][:300]
 
 
 def format_table(results: dict) -> str:

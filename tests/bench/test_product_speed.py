@@ -1,7 +1,7 @@
 """bench.product_speed's summary of a run's per-step log (metrics.json's "speed"): what the speed figures and the
 steadiness and host-memory checks in eval/BENCHMARKS.md are computed from."""
 
-from finetune.bench.product_speed import summarise
+from finetune.bench.product_speed import failure, summarise
 
 
 def step(n, seconds, tokens, rss, pinned=30.0, **beside):
@@ -26,3 +26,13 @@ def test_summary_leaves_out_warm_up_and_counts_evaluation_and_saves_only_in_the_
     assert "error" in summarise(speed[:2], warmup=2)
     # a profiled step and the one before it (where the profiler starts) are left out: steps 4 and 5
     assert summarise(speed, warmup=2, profiled=5)["tokens_per_s"] == round(8096 / 4.5, 1)
+
+
+def test_a_run_without_a_logged_step_says_why():
+    """A run stopped at the deadline says so (not its last log line, a library's warning); another names its error."""
+    log = "Loading...\nWARNING:liger_kernel.backends.registry:Backend impl 'rope' could not be imported\n"
+    assert failure("stopped at the deadline", log) == ("stopped at the deadline before its first step was logged "
+                                                       "(raise --deadline-s or lower --steps)")
+    assert failure(1, "Traceback ...\nRecipeError: memory_budget_gib=40 is too small\n") == \
+        "RecipeError: memory_budget_gib=40 is too small"
+    assert failure(-9, "") == "no output"
