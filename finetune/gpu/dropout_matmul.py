@@ -30,7 +30,8 @@ except ImportError:  # CPU-only installs: only CUDA tensors use the kernels
 else:
     from .seeded_dropout import drop_below, kept
 
-BLOCK_T, BLOCK_K = 64, 64
+# (rows, columns, warps, programs per SM) of each kernel's tiles; the backward's SwiGLU form apart
+TILES = {"forward": (64, 64, 4, 4), "backward": (64, 64, 4, 4), "swiglu": (64, 64, 4, 4)}
 
 Dropout = tuple[float, int] | None  # (p, seed of the mask), or None: no dropout
 
@@ -39,9 +40,11 @@ def dropped_matmul(x: torch.Tensor, a: torch.Tensor, dropout: Dropout) -> torch.
     """drop(x) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. Programs over (row tiles, K chunks)."""
     x, a = x.contiguous(), a.contiguous()
     (t, k), r = x.shape, a.shape[0]
-    splits, chunk = _splits(triton.cdiv(t, BLOCK_T), k, BLOCK_K, x.device)
+    block_t, block_k, warps, per_sm = TILES["forward"]
+    splits, chunk = _splits(triton.cdiv(t, block_t), k, block_k, x.device, per_sm)
     partial = torch.empty(splits, t, r, dtype=torch.float32, device=x.device)
-    _dropped_matmul_kernel[(triton.cdiv(t, BLOCK_T), splits)](x, a, partial, t, k, r, chunk,
+    _dropped_matmul_kernel[(triton.cdiv(t, block_t), splits)](x, a, partial, t, k, r, chunk, BLOCK_T=block_t,
+                                                             BLOCK_K=block_k, num_warps=warps,
                                                              **_mask_options(k, dropout), **_options(x, r))
     return partial.sum(0).to(x.dtype)
 
@@ -75,11 +78,13 @@ def _backward(x, up, grad_x, grad_xa, a, dropout, out) -> torch.Tensor:
     """Launch `_backward_kernel` (SwiGLU's form where up is given: x is gate); returns A's gradient."""
     grad_xa, a = grad_xa.contiguous(), a.contiguous()
     (t, k), r = x.shape, a.shape[0]
-    splits, chunk = _splits(triton.cdiv(k, BLOCK_K), t, BLOCK_T, x.device)
+    block_t, block_k, warps, per_sm = TILES["backward" if up is None else "swiglu"]
+    splits, chunk = _splits(triton.cdiv(k, block_k), t, block_t, x.device, per_sm)
     partial = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _backward_kernel[(triton.cdiv(k, BLOCK_K), splits)](
+    _backward_kernel[(triton.cdiv(k, block_k), splits)](
         x, x if up is None else up, out if grad_x is None else grad_x, grad_xa, a, out, partial, t, k, r, chunk,
-        HAS_ADD=grad_x is not None, SWIGLU=up is not None, **_mask_options(k, dropout), **_options(x, r))
+        HAS_ADD=grad_x is not None, SWIGLU=up is not None, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps,
+        **_mask_options(k, dropout), **_options(x, r))
     return partial.sum(0).to(x.dtype)
 
 
@@ -92,14 +97,14 @@ def _mask_options(k: int, dropout: Dropout) -> dict:
 
 
 def _options(x: torch.Tensor, r: int) -> dict:
-    return {"BLOCK_T": BLOCK_T, "BLOCK_K": BLOCK_K, "BLOCK_R": max(16, triton.next_power_of_2(r)),
+    return {"BLOCK_R": max(16, triton.next_power_of_2(r)),
             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}  # tf32: unused by bf16 / fp16 inputs
 
 
-def _splits(tiles: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+def _splits(tiles: int, length: int, block: int, device: torch.device, per_sm: int) -> tuple[int, int]:
     """(splits, chunk): the summed dimension of `length` cut into `splits` chunks of `chunk` (a multiple of block)
-    so that tiles × splits programs fill the GPU about four times over."""
-    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, tiles) \
+    so that tiles × splits programs are about `per_sm` for each of the GPU's multiprocessors."""
+    wanted = triton.cdiv(per_sm * torch.cuda.get_device_properties(device).multi_processor_count, tiles) \
         if device.type == "cuda" else 2  # the interpreter: two, so the tests cross a chunk boundary
     chunk = triton.cdiv(triton.cdiv(length, max(1, min(wanted, triton.cdiv(length, block)))), block) * block
     return triton.cdiv(length, chunk), chunk
