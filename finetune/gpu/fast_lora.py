@@ -5,8 +5,9 @@ PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters i
 - does the adapter math in the activation dtype (bf16; fp32 master weights, as autocast would);
 - applies LoRA dropout as PEFT does (a mask of its own per projection, 1/(1-p) folded into A), keeping no mask:
   it draws a seed from torch's CPU generator (which checkpointing and resume restore) and draws the mask again
-  from that seed in the backward (`seeded_dropout`); on CUDA the input gradient's dropped LoRA-A product is drawn
-  and added in one kernel (`dropout_matmul`);
+  from that seed in the backward (`seeded_dropout`); on CUDA the mask is drawn inside LoRA-A's matmuls, the
+  forward's one kernel, the backward's (A's gradient and the input's) another (`dropout_matmul`), so no dropped
+  copy of the input is written;
 - adds the adapter's update inside the base matmul (cuBLAS's addmm epilogue, in place over the update), and in
   the backward adds the adapter's input gradient the same way (dx = (dxa @ A).addmm_(grad, W)): no separate bf16
   add passes, no copies;
@@ -15,7 +16,8 @@ Projections that share an input and no dropout run their LoRA-A as one matmul (g
 
 The MLP is one more step lean. SwiGLU's output (tokens x 28672 at 70B) is what down_proj's LoRA-A would keep for
 its weight gradient; `_SwiGLULoraA` keeps gate and up instead (needed by SwiGLU's backward anyway) and recomputes
-the product in the backward, so a layer that keeps its activations holds a fifth less. down_proj's adapter runs
+the product in the backward, so a layer that keeps its activations holds a fifth less. On CUDA that backward is one
+kernel (`dropout_matmul.swiglu_lora_a_backward`): the product, its LoRA-A gradients and SwiGLU's in one pass. down_proj's adapter runs
 *before* its base matmul, which saves nothing: a recomputed layer's checkpoint has every tensor the backward needs
 before that matmul, and non-reentrant checkpointing stops there, skipping a quarter of the layer's FLOPs.
 """
@@ -93,20 +95,27 @@ def dropped(x: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     return x if dropout is None else drop(x, *dropout)
 
 
-def fused(x: torch.Tensor, dropout: Dropout) -> bool:
-    """Whether `dropout_matmul`'s kernel adds the input gradient of x's dropout: on CUDA, rows a multiple of 8 long
-    (its mask tiles); a test runs it on the CPU in Triton's interpreter by patching this."""
-    return dropout is not None and x.is_cuda and x.shape[-1] % 8 == 0
+def on_kernels(x: torch.Tensor) -> bool:
+    """Whether `dropout_matmul`'s kernels take x: on CUDA, rows a multiple of 8 long (their mask tiles); a test runs
+    them on the CPU in Triton's interpreter by patching this."""
+    return x.is_cuda and x.shape[-1] % 8 == 0
 
 
-def plus_dropped_input_grad(grad_x: torch.Tensor | None, grad_xa: torch.Tensor, a: torch.Tensor, dropout: Dropout,
-                            in_place: bool) -> torch.Tensor:
-    """grad_x + dropped(grad_xa @ a, dropout), grad_x None counting as zero; with in_place (grad_x is the caller's
-    own) the CUDA kernel writes the sum over grad_x."""
-    if not fused(grad_xa, dropout):
-        update = dropped(grad_xa @ a, dropout)
-        return update if grad_x is None else grad_x + update
-    return dropout_matmul.add_dropped_input_grad(grad_x, grad_xa, a, *dropout, out=grad_x if in_place else None)
+def dropped_matmul(x: torch.Tensor, a: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """dropped(x, dropout) @ a.t() for x [tokens, in]."""
+    if dropout is not None and on_kernels(x):
+        return dropout_matmul.dropped_matmul(x, a, dropout)
+    return dropped(x, dropout) @ a.t()
+
+
+def lora_a_backward(grad_x: torch.Tensor | None, x: torch.Tensor, grad_xa: torch.Tensor, a: torch.Tensor,
+                    dropout: Dropout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x + dropped(grad_xa @ a, dropout), grad_xa.t() @ dropped(x, dropout)) for x [tokens, in], grad_x None
+    counting as zero; grad_x is the caller's own: the kernel adds in place."""
+    if dropout is not None and on_kernels(x):
+        return dropout_matmul.lora_a_backward(grad_x, x, grad_xa, a, dropout, out=grad_x)
+    update = dropped(grad_xa @ a, dropout)
+    return update if grad_x is None else grad_x + update, grad_xa.t() @ dropped(x, dropout)
 
 
 def lean_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -144,7 +153,7 @@ class _LoraGPTQ(torch.autograd.Function):
         a_s, bs = weights[:len(layers)], weights[len(layers):]
         flat = x.reshape(-1, x.shape[-1])
         if any(dropouts):
-            xa = torch.cat([dropped(flat, d) @ a.t() for d, a in zip(dropouts, a_s)], dim=1)
+            xa = torch.cat([dropped_matmul(flat, a, d) for d, a in zip(dropouts, a_s)], dim=1)
         else:
             xa = flat @ (torch.cat(a_s) if len(a_s) > 1 else a_s[0]).t()
         outputs = []
@@ -165,8 +174,8 @@ class _LoraGPTQ(torch.autograd.Function):
         if any(ctx.dropouts):
             grad_x, grad_as = None, []
             for grad_xa, a, dropout in zip(grad_xas, a_s, ctx.dropouts):  # the forward's masks, drawn again
-                grad_x = plus_dropped_input_grad(grad_x, grad_xa, a, dropout, in_place=True)
-                grad_as.append(grad_xa.t() @ dropped(flat, dropout))
+                grad_x, grad_a = lora_a_backward(grad_x, flat, grad_xa, a, dropout)
+                grad_as.append(grad_a)
         else:
             grad_xa = torch.cat(grad_xas, dim=1)
             grad_x = grad_xa @ torch.cat(a_s)
@@ -185,23 +194,20 @@ class _SwiGLULoraA(torch.autograd.Function):
         act = swiglu(gate, up)
         ctx.save_for_backward(gate, up, a)
         ctx.dropout = dropout
-        return act, dropped(act, dropout) @ a.t()
+        flat = act.view(-1, act.shape[-1])
+        return act, dropped_matmul(flat, a, dropout).view(*act.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_act: torch.Tensor, grad_act_a: torch.Tensor):
         gate, up, a = ctx.saved_tensors
-        act = swiglu(gate, up)  # recomputed: an elementwise pass costs far less than keeping it
-        flat_grad_act_a = grad_act_a.reshape(-1, grad_act_a.shape[-1])
-        flat_grad_act = grad_act.reshape(-1, grad_act.shape[-1])
-        if ctx.dropout is None:
-            grad_a = flat_grad_act_a.t() @ act.reshape(-1, act.shape[-1])
-            del act
-            grad_act = torch.addmm(flat_grad_act, flat_grad_act_a, a)
-        else:
-            grad_a = flat_grad_act_a.t() @ dropped(act, ctx.dropout).reshape(-1, act.shape[-1])
-            del act
-            # same elements: same mask; not in place: grad_act is autograd's, not this backward's
-            grad_act = plus_dropped_input_grad(flat_grad_act, flat_grad_act_a, a, ctx.dropout, in_place=False)
+        flat = [t.reshape(-1, t.shape[-1]) for t in (gate, up, grad_act, grad_act_a)]
+        if on_kernels(gate):  # one pass; gate's and up's gradients written over them
+            grad_gate, grad_up, grad_a = dropout_matmul.swiglu_lora_a_backward(*flat, a, ctx.dropout)
+            return grad_gate.view_as(gate), grad_up.view_as(up), grad_a, None
+        flat_gate, flat_up, flat_grad_act, flat_grad_act_a = flat
+        act = swiglu(flat_gate, flat_up)  # recomputed: an elementwise pass costs far less than keeping it
+        grad_act, grad_a = lora_a_backward(flat_grad_act, act, flat_grad_act_a, a, ctx.dropout)  # not in place
+        del act
         return *swiglu_backward(gate, up, grad_act.view_as(gate)), grad_a, None
 
 

@@ -7,8 +7,9 @@ backward): ~0.2 s of a 2.3 s step at 70B. The draws, not the memory, bounded the
 eight draws of 16 bits from each Philox call (its four 32-bit words cut in halves) where `tl.rand` would make one
 call per element: the drop probability is p rounded to 2**-16 (`drop_below`). Eight per call instead of four made
 the pass memory-bound (44 us for a 70B layer's average dropped input on an H200, against ~38 us to read and write
-it): LoRA dropout's kernels take ~85 ms of a 2 s train.py step at 70B, ~20 ms less (eval/BENCHMARKS.md). On the CPU
-the mask comes from torch's seeded generator. The masks of the two devices differ; each device is self-consistent,
+it). The lean LoRA draws its masks inside LoRA-A's matmuls instead (`dropout_matmul`, by `kept`: the same
+elements); `drop` serves the paths those kernels do not take and the tests. On the CPU the mask comes from torch's
+seeded generator. The masks of the two devices differ; each device is self-consistent,
 which is all the backward needs.
 """
 

@@ -171,21 +171,21 @@ class SameMaskDropout(torch.nn.Dropout):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_lean_lora_with_dropout_gives_peft_gradients_with_the_same_masks(checkpoint, device):
     """fp32: PEFT's own LoRA forward and backward, its dropout modules drawing the lean path's masks, against the
-    lean path (which keeps no mask and draws it again in the backward: on CUDA, for the input gradient, inside the
-    `dropout_matmul` kernel), with every layer kept and with every layer recomputed (the recompute draws its masks
+    lean path (which keeps no mask and draws it again in the backward: on CUDA inside LoRA-A's matmuls, the
+    `dropout_matmul` kernels), with every layer kept and with every layer recomputed (the recompute draws its masks
     once more)."""
     assert_lean_dropout_gives_peft_gradients(checkpoint, device)
 
 
 @pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
-def test_lean_lora_with_dropout_kernel_gives_peft_gradients_in_interpreter(checkpoint):
-    """The test above through the CUDA path's code, on the CPU: the `dropout_matmul` kernel in Triton's
+def test_lean_lora_with_dropout_kernels_give_peft_gradients_in_interpreter(checkpoint):
+    """The test above through the CUDA path's code, on the CPU: the `dropout_matmul` kernels in Triton's
     interpreter, both paths drawing `drop_triton`'s masks."""
     result = run_python(f"""
         from finetune.gpu import fast_lora, seeded_dropout
         from tests.training.test_fast_training import assert_lean_dropout_gives_peft_gradients
         seeded_dropout.drop = fast_lora.drop = seeded_dropout.drop_triton  # the CUDA masks, for PEFT's path too
-        fast_lora.fused = lambda x, dropout: dropout is not None
+        fast_lora.on_kernels = lambda x: True
         assert_lean_dropout_gives_peft_gradients({str(checkpoint)!r}, "cpu")
         """, TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -239,32 +239,51 @@ def test_dropout_kernel_draws_the_same_mask_for_the_same_seed_in_interpreter():
 
 
 @pytest.mark.skipif(find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
-def test_dropout_matmul_input_grad_equals_the_unfused_dropout_in_interpreter():
-    """fp32: LoRA-A's input gradient with the mask drawn inside the matmul equals `drop_triton` of the plain matmul
-    (the same elements dropped), alone, added to a gradient, and added in place, on shapes that are not multiples
-    of the blocks, for a rank of 16, a smaller one (padded to tl.dot's 16) and one not a power of two; another
-    seed drops other elements; rows whose length is not a multiple of 8 are refused."""
+def test_dropout_matmul_kernels_equal_the_unfused_dropout_in_interpreter():
+    """fp32: LoRA-A's matmuls with the mask drawn inside them equal `drop_triton` and plain matmuls (the same
+    elements dropped): the forward, both gradients (alone, added to a gradient, added in place) and the SwiGLU form
+    (with and without dropout), on shapes that are not multiples of the blocks, for a rank of 16, a smaller one
+    (padded to tl.dot's 16) and one not a power of two; another seed drops other elements; rows whose length is
+    not a multiple of 8 are refused."""
     result = run_python("""
         import torch
-        from finetune.gpu.dropout_matmul import add_dropped_input_grad
+        import torch.nn.functional as F
+        from finetune.gpu.dropout_matmul import dropped_matmul, lora_a_backward, swiglu_lora_a_backward
         from finetune.gpu.seeded_dropout import drop_triton
         generator = torch.Generator().manual_seed(0)
         close = dict(rtol=1e-5, atol=1e-5)  # tl.dot sums in its own order
         p, seed = 0.25, 2 ** 40 + 7
-        for t, k, r in ((37, 296, 16), (37, 296, 8), (150, 136, 12)):
-            a, grad_x = (torch.randn(shape, generator=generator) for shape in ((r, k), (t, k)))
+        for t, k, r in ((137, 296, 16), (37, 296, 8), (150, 136, 12)):
+            x, a, grad_x, gate, up = (torch.randn(shape, generator=generator)
+                                      for shape in ((t, k), (r, k), (t, k), (t, k), (t, k)))
             grad_xa = torch.randn(t, r, generator=generator)
-            update = drop_triton(grad_xa @ a, p, seed)
-            torch.testing.assert_close(add_dropped_input_grad(None, grad_xa, a, p, seed), update, **close)
-            summed = add_dropped_input_grad(grad_x, grad_xa, a, p, seed)
+            x_dropped, update = drop_triton(x, p, seed), drop_triton(grad_xa @ a, p, seed)
+            torch.testing.assert_close(dropped_matmul(x, a, (p, seed)), x_dropped @ a.t(), **close)
+            got_grad_x, got_grad_a = lora_a_backward(None, x, grad_xa, a, (p, seed))
+            torch.testing.assert_close(got_grad_x, update, **close)
+            torch.testing.assert_close(got_grad_a, grad_xa.t() @ x_dropped, **close)
+            summed = lora_a_backward(grad_x, x, grad_xa, a, (p, seed))[0]
             torch.testing.assert_close(summed, grad_x + update, **close)
             in_place = grad_x.clone()
-            assert add_dropped_input_grad(in_place, grad_xa, a, p, seed, out=in_place) is in_place
+            assert lora_a_backward(in_place, x, grad_xa, a, (p, seed), out=in_place)[0] is in_place
             assert torch.equal(in_place, summed)
-            other = add_dropped_input_grad(grad_x, grad_xa, a, p, seed + 1)
-            print((other - summed).abs().max().item() > 1e-2)
+            for dropout in (None, (p, seed)):
+                act = F.silu(gate) * up
+                act_dropped = act if dropout is None else drop_triton(act, p, seed)
+                grad_act = grad_x + (grad_xa @ a if dropout is None else update)
+                sigmoid = torch.sigmoid(gate)
+                want = (grad_act * up * sigmoid * (1 + gate * (1 - sigmoid)), grad_act * F.silu(gate),
+                        grad_xa.t() @ act_dropped)
+                gate_, up_ = gate.clone(), up.clone()
+                got = swiglu_lora_a_backward(gate_, up_, grad_x, grad_xa, a, dropout)
+                assert got[0] is gate_ and got[1] is up_  # written over them
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, **close)
+            others = (dropped_matmul(x, a, (p, seed + 1)), *lora_a_backward(grad_x, x, grad_xa, a, (p, seed + 1)))
+            print(all((other - same).abs().max().item() > 1e-2 for other, same in
+                      zip(others, (x_dropped @ a.t(), summed, grad_xa.t() @ x_dropped))))
         try:
-            add_dropped_input_grad(None, torch.ones(4, 16), torch.ones(16, 30), p, seed)
+            dropped_matmul(torch.ones(4, 30), torch.ones(16, 30), (p, seed))
         except ValueError as err:
             print(err)
         """, TRITON_INTERPRET="1")
@@ -498,3 +517,29 @@ def test_host_layers_give_the_gradients_of_kept_layers(checkpoint, monkeypatch):
     # the host layers' buffers, back in the pool; with norm outputs recomputed (and the norm input that liger saves
     # as [tokens, hidden] travelling once), fewer of them
     assert 0 < hooks.pinned_bytes < hooks_keeping_norms.pinned_bytes
+
+
+@needs_cuda
+def test_swiglu_lora_a_backward_kernel_gives_ligers_gradients_bit_for_bit():
+    """bf16 at 70B's width: with a zero LoRA-A gradient the kernel's gate and up gradients equal liger's backward
+    bit for bit (the same arithmetic in one pass), and A's gradient is the dropped product liger's forward gives,
+    within bf16 rounding of an fp32 reference."""
+    from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+
+    from finetune.gpu.dropout_matmul import swiglu_lora_a_backward
+    from finetune.gpu.seeded_dropout import drop
+    generator = torch.Generator("cuda").manual_seed(0)
+    gate, up, grad = (torch.randn(1000, 28672, generator=generator, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(3))
+    grad_act_a = torch.randn(1000, 16, generator=generator, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(16, 28672, generator=generator, device="cuda", dtype=torch.bfloat16)
+    product = swiglu_forward(gate, up)[2]
+    want_gate, want_up = swiglu_backward(gate.clone(), up.clone(), grad)
+    for dropout in (None, (0.05, 2 ** 40 + 7)):
+        got_gate, got_up, _ = swiglu_lora_a_backward(gate.clone(), up.clone(), grad, torch.zeros_like(grad_act_a),
+                                                     a, dropout)
+        assert torch.equal(got_gate, want_gate) and torch.equal(got_up, want_up)
+        grad_a = swiglu_lora_a_backward(gate.clone(), up.clone(), grad, grad_act_a, a, dropout)[2]
+        dropped = product if dropout is None else drop(product, *dropout)
+        want_a = grad_act_a.float().t() @ dropped.float()
+        assert ((grad_a.float() - want_a).norm() / want_a.norm()).item() < 1e-2
