@@ -18,7 +18,9 @@ the slowest step after warm-up against the median, host memory at the first and 
 --deadline-s is stopped and reported on the steps it logged. --synthetic also runs the benchmark loop
 (bench.train_speed) on the same checkpoint. --baseline DIR (another revision's checkout) also runs that
 checkout's train.py before and after this one's, A B A: two trees compared in one call, with the drift of the
-machine over the call in plain view (the tenth session's comparisons, older tree first, may hold some).
+machine over the call in plain view. --warm-up-run N first runs this checkout's train.py for N steps, not compared:
+in the eleventh session's calls whichever train.py ran first in a call was ~2.4 % slower on the same rows than
+the one after it, whatever the tree.
 """
 
 import argparse
@@ -149,6 +151,19 @@ def failure(returncode, log: str) -> str:
     return (log.strip().splitlines() or ["no output"])[-1][:300]
 
 
+def train_runs(steps: int, baseline: str | None, warm_up_steps: int) -> list[tuple[str, Path, str, int]]:
+    """The train.py runs in order: (label, checkout, run folder name, steps). A baseline runs before and after this
+    checkout (A B A: a machine that speeds up or slows down during the call shows as A != A)."""
+    runs = [("train.py", REPO_ROOT, "product", steps)]
+    if baseline:
+        baseline = Path(baseline).resolve()
+        runs = [("baseline (first)", baseline, "baseline-1", steps), *runs,
+                ("baseline (again)", baseline, "baseline-2", steps)]
+    if warm_up_steps:
+        runs.insert(0, ("warm-up run (not compared)", REPO_ROOT, "warm-up", warm_up_steps))
+    return runs
+
+
 def format_table(results: dict) -> str:
     header = ("| case | steps (timed) | tok/s (wall) | × peer | median step s | slowest after warm-up (× median; "
               "GC s in it) | host RSS GiB first → last | pinned GiB first → last | GPU peak GiB |")
@@ -192,6 +207,9 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline", default=None, help="a checkout of another revision (git worktree add DIR REV): "
                                                          "its train.py runs before and after this one's, on the same "
                                                          "rows, so the order of the runs shows in the figures")
+    parser.add_argument("--warm-up-run", type=int, default=0, metavar="STEPS",
+                        help="first a train.py run of this many steps, left out of the comparison (the first run "
+                             "in a call is slower)")
     parser.add_argument("--synthetic", action="store_true", help="also the benchmark loop (bench.train_speed)")
     parser.add_argument("--out", default="runs/product")
     parser.add_argument("overrides", nargs="*", help="more key=value for train.py (e.g. eval.during_training...)")
@@ -223,12 +241,8 @@ def main(argv=None) -> None:
                 sys.exit(f"error: writing the random checkpoint failed: {results['write']['error']}")
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
-        runs = [("train.py", REPO_ROOT, "product")]
-        if args.baseline:  # A B A: a machine that speeds up or slows down during the call shows as A != A
-            baseline = Path(args.baseline).resolve()
-            runs = [("baseline (first)", baseline, "baseline-1"), *runs, ("baseline (again)", baseline, "baseline-2")]
-        for label, repo, name in runs:
-            record(label, product_case(checkpoint, args.steps, out, deadline, log, args.overrides, repo, name),
+        for label, repo, name, steps in train_runs(args.steps, args.baseline, args.warm_up_run):
+            record(label, product_case(checkpoint, steps, out, deadline, log, args.overrides, repo, name),
                    args.warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),

@@ -1,7 +1,8 @@
 """bench.product_speed's summary of a run's per-step log (metrics.json's "speed"): what the speed figures and the
 steadiness and host-memory checks in eval/BENCHMARKS.md are computed from."""
 
-from finetune.bench.product_speed import failure, summarise
+from finetune import REPO_ROOT
+from finetune.bench.product_speed import failure, summarise, train_runs
 
 
 def step(n, seconds, tokens, rss, pinned=30.0, **beside):
@@ -36,3 +37,10 @@ def test_a_run_without_a_logged_step_says_why():
     assert failure(1, "Traceback ...\nRecipeError: memory_budget_gib=40 is too small\n") == \
         "RecipeError: memory_budget_gib=40 is too small"
     assert failure(-9, "") == "no output"
+
+
+def test_train_runs_put_a_baseline_around_this_checkout_and_a_warm_up_run_first(tmp_path):
+    assert train_runs(8, None, 0) == [("train.py", REPO_ROOT, "product", 8)]
+    assert train_runs(8, str(tmp_path), 3) == [
+        ("warm-up run (not compared)", REPO_ROOT, "warm-up", 3), ("baseline (first)", tmp_path, "baseline-1", 8),
+        ("train.py", REPO_ROOT, "product", 8), ("baseline (again)", tmp_path, "baseline-2", 8)]
