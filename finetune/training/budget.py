@@ -36,7 +36,8 @@ def check_sharded_memory(cfg: DictConfig, source, gpus: int, fast_path: bool) ->
     headers alone; fast_path: the fast GPU path will plan the run."""
     if cfg.gpu.memory_budget_gib is None:
         return
-    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus)
+    info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus,
+                               lora_targets=tuple(cfg.lora.target_modules))
     check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
 
 

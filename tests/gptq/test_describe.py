@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 from transformers import LlamaConfig
 
 from finetune.gptq.checkpoint_info import describe_checkpoint, format_report
@@ -37,6 +38,14 @@ def test_describe_local_checkpoint(tmp_path):
     assert len(info.quantised_modules) == 14 and len(info.shard_bytes) == 3
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
     assert sum(info.shard_bytes.values()) == on_disk
+    # LoRA on q_proj alone: r (in + out) per layer, 16 * (64 + 64) * 2, an eighth of all seven projections'
+    # (in + out summed: 1,024); sharded, each GPU holds half
+    for gpus in (1, 2):
+        q_only = describe_checkpoint(str(tmp_path), seq_len=1024, gpus=gpus, lora_targets=("q_proj",)).memory_gib
+        every = describe_checkpoint(str(tmp_path), seq_len=1024, gpus=gpus).memory_gib
+        assert q_only["LoRA + AdamW"] * 8 == pytest.approx(every["LoRA + AdamW"])
+        assert every["total"] - q_only["total"] == pytest.approx(every["LoRA + AdamW"] * 7 / 8)
+    assert every["LoRA + AdamW"] * 2 == pytest.approx(info.memory_gib["LoRA + AdamW"])
     report = format_report(info, 1024, 16)
     assert "bits 3 · group 32 · act-order yes" in report
     assert "model.layers.N.mlp.down_proj ×2" in report and "lm_head" in report
