@@ -17,9 +17,10 @@ Projections that share an input and no dropout run their LoRA-A as one matmul (g
 The MLP is one more step lean. SwiGLU's output (tokens x 28672 at 70B) is what down_proj's LoRA-A would keep for
 its weight gradient; `_SwiGLULoraA` keeps gate and up instead (needed by SwiGLU's backward anyway) and recomputes
 the product in the backward, so a layer that keeps its activations holds a fifth less. On CUDA that backward is one
-kernel (`dropout_matmul.swiglu_lora_a_backward`): the product, its LoRA-A gradients and SwiGLU's in one pass. down_proj's adapter runs
-*before* its base matmul, which saves nothing: a recomputed layer's checkpoint has every tensor the backward needs
-before that matmul, and non-reentrant checkpointing stops there, skipping a quarter of the layer's FLOPs.
+kernel (`dropout_matmul.swiglu_lora_a_backward`): the product, its LoRA-A gradients and SwiGLU's in one pass.
+down_proj's adapter runs *before* its base matmul, which saves nothing: a recomputed layer's checkpoint has every
+tensor the backward needs before that matmul, and non-reentrant checkpointing stops there, skipping a quarter of the
+layer's FLOPs.
 """
 
 import functools
