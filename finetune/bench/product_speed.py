@@ -246,7 +246,8 @@ def main(argv=None) -> None:
                    args.warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
-                            "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")], cwd=REPO_ROOT, check=False)
+                            "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")],
+                           cwd=REPO_ROOT, check=False)
     table = format_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
