@@ -28,6 +28,8 @@ fp32 partial products (a few MB) are added after. `kept` needs each tile row to 
 
 import torch
 
+from .seeded_dropout import Dropout
+
 try:
     import triton
     import triton.language as tl
@@ -39,9 +41,6 @@ else:
 # (rows, columns, warps, programs per SM) of each kernel's tiles, the backward's SwiGLU form apart: the fastest of 24
 # timed at 70B's shapes on an H200 (eval/BENCHMARKS.md; 64, 64, 4, 4 took 4 to 25 % longer)
 TILES = {"forward": (32, 128, 4, 4), "backward": (32, 128, 8, 16), "swiglu": (32, 128, 4, 16)}
-
-Dropout = tuple[float, int] | None  # (p, seed of the mask), or None: no dropout
-
 
 def dropped_matmul(x: torch.Tensor, a: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     """drop(x) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. Programs over (row tiles, K chunks)."""

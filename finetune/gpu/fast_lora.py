@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..gptq.layer import GPTQLinear, dequantizer
 from . import dropout_matmul
-from .seeded_dropout import drop
+from .seeded_dropout import Dropout, drop
 
 
 def speed_up_lora(model: torch.nn.Module) -> dict[str, int]:
@@ -64,9 +64,6 @@ def not_lean_reason(module) -> str | None:
     if not all(isinstance(d, (torch.nn.Identity, torch.nn.Dropout)) for d in module.lora_dropout.values()):
         return "a dropout other than torch.nn.Dropout"
     return None
-
-
-Dropout = tuple[float, int] | None  # (p, seed of the mask), or None: no dropout
 
 
 def adapter(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Dropout] | None:

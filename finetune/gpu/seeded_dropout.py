@@ -23,6 +23,8 @@ except ImportError:  # CPU-only installs: only CUDA tensors use the kernel
 
 BLOCK = 4096
 
+Dropout = tuple[float, int] | None  # a tensor's dropout: (p, seed of the mask), or None: none
+
 _generators: dict[torch.device, torch.Generator] = {}
 
 
