@@ -9,8 +9,8 @@ call per element: the drop probability is p rounded to 2**-16 (`drop_below`). Ei
 the pass memory-bound (44 us for a 70B layer's average dropped input on an H200, against ~38 us to read and write
 it). The lean LoRA draws its masks inside LoRA-A's matmuls instead (`dropout_matmul`, by `kept`: the same
 elements); `drop` serves the paths those kernels do not take and the tests. On the CPU the mask comes from torch's
-seeded generator. The masks of the two devices differ; each device is self-consistent,
-which is all the backward needs.
+seeded generator. The masks of the two devices differ; each device is self-consistent, which is all the backward
+needs.
 """
 
 import torch
