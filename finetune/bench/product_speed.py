@@ -113,14 +113,20 @@ def peer_case(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the product
 
+def launch_command(launch: str, checkpoint: str, steps: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """`accelerate launch <launch> finetune/train.py recipe=medqa ...`: `launch` is accelerate's own arguments
+    ("--num_processes 1", or e.g. "--config_file accelerate_fsdp.yaml --num_processes 2" for the sharded run)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *shlex.split(launch), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "finetune/train.py", "recipe=medqa",
+            *recipe_overrides(checkpoint, steps), f"output_dir={run_dir}", *extra]
+
+
 def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, extra: list[str],
-                 repo: Path = REPO_ROOT, name: str = "product") -> dict:
+                 repo: Path = REPO_ROOT, name: str = "product", launch: str = "--num_processes 1") -> dict:
     """`accelerate launch finetune/train.py recipe=medqa ...` from the checkout `repo` in its own process group,
     stopped at `deadline` (time.monotonic()), into out/`name`; its metrics.json holds every step it logged."""
     run_dir = out / name
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "finetune/train.py", "recipe=medqa",
-               *recipe_overrides(checkpoint, steps), f"output_dir={run_dir}", *extra]
+    command = launch_command(launch, checkpoint, steps, run_dir, extra)
     env = os.environ | {"PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                         "PYTHONUNBUFFERED": "1"}
     with open(out / f"{name}.log", "w") as output:
@@ -134,7 +140,7 @@ def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, e
             proc.wait()
     text = (out / f"{name}.log").read_text()
     log.write(f"\n===== {name}\n{text}\n")
-    result = {"command": shlex.join(["accelerate", "launch", *command[5:]]), "returncode": returncode,
+    result = {"command": shlex.join(["accelerate", "launch", *command[3:]]), "returncode": returncode,
               "fast_path_lines": [line for line in text.splitlines() if line.startswith("fast GPU path")]}
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
@@ -210,6 +216,10 @@ def main(argv=None) -> None:
     parser.add_argument("--warm-up-run", type=int, default=0, metavar="STEPS",
                         help="first a train.py run of this many steps, left out of the comparison (the first run "
                              "in a call is slower)")
+    parser.add_argument("--launch", default="--num_processes 1",
+                        help="accelerate launch's arguments for train.py (default one process; e.g. "
+                             "'--config_file accelerate_fsdp.yaml --num_processes 2': FSDP2 over two GPUs, "
+                             "'--multi_gpu --num_processes 2': data parallel). tok/s counts every GPU's tokens")
     parser.add_argument("--synthetic", action="store_true", help="also the benchmark loop (bench.train_speed)")
     parser.add_argument("--out", default="runs/product")
     parser.add_argument("overrides", nargs="*", help="more key=value for train.py (e.g. eval.during_training...)")
@@ -225,7 +235,8 @@ def main(argv=None) -> None:
         args.tokenizer = str(resolve_builtin_model(TOKENIZER))
     spec = {"checkpoint": checkpoint, "layers": args.layers, "bits": args.bits, "group_size": args.group_size,
             "act_order": True, "tokenizer": args.tokenizer, "out": str(out), "steps": args.peer_steps}
-    results = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    card = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    results = {"card": card,
                "date": time.strftime("%Y-%m-%d"), "config": tag,
                "command": "python -m finetune.bench.product_speed " + shlex.join(argv or sys.argv[1:]),
                "cases": {}}
@@ -242,8 +253,8 @@ def main(argv=None) -> None:
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
         for label, repo, name, steps in train_runs(args.steps, args.baseline, args.warm_up_run):
-            record(label, product_case(checkpoint, steps, out, deadline, log, args.overrides, repo, name),
-                   args.warmup)
+            record(label, product_case(checkpoint, steps, out, deadline, log, args.overrides, repo, name,
+                                       args.launch), args.warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
                             "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")],

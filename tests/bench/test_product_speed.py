@@ -2,7 +2,7 @@
 steadiness and host-memory checks in eval/BENCHMARKS.md are computed from."""
 
 from finetune import REPO_ROOT
-from finetune.bench.product_speed import failure, summarise, train_runs
+from finetune.bench.product_speed import failure, launch_command, recipe_overrides, summarise, train_runs
 
 
 def step(n, seconds, tokens, rss, pinned=30.0, **beside):
@@ -44,3 +44,18 @@ def test_train_runs_put_a_baseline_around_this_checkout_and_a_warm_up_run_first(
     assert train_runs(8, str(tmp_path), 3) == [
         ("warm-up run (not compared)", REPO_ROOT, "warm-up", 3), ("baseline (first)", tmp_path, "baseline-1", 8),
         ("train.py", REPO_ROOT, "product", 8), ("baseline (again)", tmp_path, "baseline-2", 8)]
+
+
+def test_launch_arguments_reach_accelerate_launch(tmp_path):
+    """--launch goes to accelerate's own parser ahead of train.py: the sharded run's config file and process count."""
+    from accelerate.commands.launch import launch_command_parser
+
+    command = launch_command("--config_file accelerate_fsdp.yaml --num_processes 2", "/ck", 8, tmp_path / "run",
+                             ["gpu.memory_budget_gib=40"])
+    args = launch_command_parser().parse_args(command[3:])
+    assert (args.config_file, args.num_processes, args.training_script) == ("accelerate_fsdp.yaml", 2,
+                                                                            "finetune/train.py")
+    assert args.training_script_args == ["recipe=medqa", *recipe_overrides("/ck", 8), f"output_dir={tmp_path / 'run'}",
+                                         "gpu.memory_budget_gib=40"]
+    assert launch_command_parser().parse_args(launch_command("--num_processes 1", "/ck", 8, tmp_path, [])[3:]) \
+        .num_processes == 1
