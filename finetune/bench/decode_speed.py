@@ -98,8 +98,7 @@ def time_matmuls(bits: int, group_size: int, tokens: list[int], layers: int) -> 
     projections = []
     for in_features, out_features in LLAMA2_70B_PROJECTIONS.values():
         layer = GPTQLinear(in_features, out_features, config, device="cuda")
-        for name, tensor in random_gptq_linear(in_features, out_features, config, generator, "cuda").items():
-            setattr(layer, name, tensor)
+        layer.set_packed(**random_gptq_linear(in_features, out_features, config, generator, "cuda"))
         projections.append(layer)
     rows = []
     for count in tokens:

@@ -190,8 +190,7 @@ def dequant_case(spec: dict) -> dict:
         config = GPTQConfig(bits=bits, group_size=spec["group_size"], desc_act=spec["act_order"])
         for in_f, out_f in ((8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)):
             layer = GPTQLinear(in_f, out_f, config, device="cuda")
-            for name, tensor in random_gptq_linear(in_f, out_f, config, generator, "cuda").items():
-                setattr(layer, name, tensor)
+            layer.set_packed(**random_gptq_linear(in_f, out_f, config, generator, "cuda"))
             ms = triton.testing.do_bench(lambda: dequantize_triton(layer, torch.bfloat16), return_mode="median")
             moved = sum(p.numel() * p.element_size() for p in layer.parameters()) + 2 * in_f * out_f
             rows[f"{bits}b {in_f}x{out_f}"] = {"ms": round(ms, 3), "GB_per_s": round(moved / ms / 1e6)}

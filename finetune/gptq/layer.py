@@ -69,17 +69,22 @@ class GPTQLinear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.checkpoint_format = config.bits, config.group_size, config.checkpoint_format
         shapes = gptq_format.expected_shapes(config, in_features, out_features)
-        self.qweight = torch.zeros(shapes["qweight"], dtype=torch.int32, device=device)
-        self.qzeros = torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device)
-        self.scales = torch.zeros(shapes["scales"], dtype=torch.float16, device=device)
-        self.g_idx = gptq_format.default_g_idx(in_features, config.group_size, device)
+        self.set_packed(qweight=torch.zeros(shapes["qweight"], dtype=torch.int32, device=device),
+                        qzeros=torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device),
+                        scales=torch.zeros(shapes["scales"], dtype=torch.float16, device=device),
+                        g_idx=gptq_format.default_g_idx(in_features, config.group_size, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_parameter("weight", None)  # no dense weight; PEFT reads `.weight` of every nn.Linear
 
-    def __setattr__(self, name: str, value) -> None:
-        if name in PACKED_TENSORS and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=False)  # assigning a tensor keeps it a frozen parameter
-        super().__setattr__(name, value)
+    # No __setattr__ of its own: FSDP2 swaps every parameter in and out at each gather and free, through
+    # nn.Module's own __setattr__ only (torch's `unsafe_setattr_param`; any override takes its slow path: 112 calls
+    # a decoder layer a step, ~0.2 s a step at 80 layers on the host). Hence `set_packed` rather than assignment.
+    def set_packed(self, **tensors: torch.Tensor) -> None:
+        """Hold these packed tensors (qweight=..., scales=...) as the layer's frozen parameters."""
+        for name, tensor in tensors.items():
+            if name not in PACKED_TENSORS:
+                raise ValueError(f"{name} is not a GPTQ packed tensor ({', '.join(PACKED_TENSORS)})")
+            self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
     def __getattr__(self, name: str):
         value = super().__getattr__(name)  # parameters live in _parameters: every read of one comes here

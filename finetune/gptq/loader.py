@@ -133,7 +133,7 @@ def build_skeleton(model_dir: Path, gptq_config: GPTQConfig, shapes: dict[str, t
         layer = GPTQLinear(linear.in_features, linear.out_features, gptq_config, bias=f"{name}.bias" in shapes,
                            device="meta", dtype=dtype)
         if f"{name}.g_idx" not in shapes:
-            layer.g_idx = default_g_idx(linear.in_features, gptq_config.group_size, device)
+            layer.set_packed(g_idx=default_g_idx(linear.in_features, gptq_config.group_size, device))
         setattr(model.get_submodule(parent_name), child, layer)
     return model
 
@@ -209,7 +209,7 @@ def defer(layer: GPTQLinear, name: str, source: PackedSource, device: torch.devi
     on `device` so that PEFT puts the LoRA weights beside it; `layer.packed_sources[name]` says where to read it.
     The placeholder is never computed with: a sharded run swaps it for the rows its rank reads (`read_rows`)."""
     dtype = layer._parameters[name].dtype
-    setattr(layer, name, torch.zeros((), dtype=dtype, device=device).expand(source.shape))
+    layer.set_packed(**{name: torch.zeros((), dtype=dtype, device=device).expand(source.shape)})
     layer.__dict__.setdefault("packed_sources", {})[name] = source
 
 

@@ -28,8 +28,7 @@ def random_layer(in_features: int, out_features: int, config: GPTQConfig, seed: 
     zeros = torch.randint(0, 2 ** config.bits, (config.n_groups(in_features), out_features), generator=generator,
                           dtype=torch.int32, device=device)
     tensors["qzeros"] = pack(zeros.t(), config.bits).t().contiguous()
-    for name, tensor in tensors.items():
-        setattr(layer, name, tensor)
+    layer.set_packed(**tensors)
     return layer
 
 

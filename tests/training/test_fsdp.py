@@ -199,3 +199,23 @@ def test_integers_held_as_float_bits_read_back_unchanged(checkpoint):
         assert torch.equal(getattr(layer, name), tensor) and getattr(layer, name).dtype == tensor.dtype
     assert layer.qweight.data_ptr() == stored["qweight"].data_ptr()  # a view: no copy
     assert torch.equal(layer.dequantize_weight(), weight)
+
+
+def test_fsdp2_swaps_the_packed_tensors_on_its_fast_path(checkpoint):
+    """FSDP2 swaps every parameter in and out at each gather and free; with a __setattr__ of the module's own it takes
+    its slow path (nn.Module.__setattr__, ~18 us a parameter on the host, 112 times a decoder layer a step). So
+    GPTQLinear has none and its packed tensors are set with set_packed, as frozen parameters."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import unsafe_setattr_param
+
+    from finetune.gptq.layer import GPTQLinear
+    from finetune.gptq.loader import load_model
+    layer = next(m for m in load_model(checkpoint, device="cpu").modules() if isinstance(m, GPTQLinear))
+    assert getattr(layer.__setattr__, "__func__", None) is torch.nn.Module.__setattr__  # FSDP2's own test
+    swapped = torch.nn.Parameter(torch.zeros_like(layer.qweight), requires_grad=False)
+    unsafe_setattr_param(layer, "qweight", swapped)
+    assert layer.qweight is swapped
+    layer.set_packed(scales=torch.ones_like(layer.scales))
+    assert isinstance(layer.scales, torch.nn.Parameter) and not layer.scales.requires_grad
+    assert torch.equal(layer.scales, torch.ones_like(layer.scales))
+    with pytest.raises(ValueError, match="bias is not a GPTQ packed tensor"):
+        layer.set_packed(bias=torch.zeros(3))
