@@ -12,7 +12,8 @@ PEFT computes `base(x) + B(A(dropout(x))) * scaling` as separate ops, adapters i
   the backward adds the adapter's input gradient the same way (dx = (dxa @ A).addmm_(grad, W)): no separate bf16
   add passes, no copies;
 - dequantises the GPTQ weight again in the backward rather than keeping it (as GPTQLinear does).
-Projections that share an input and no dropout run their LoRA-A as one matmul (gate and up: [A_gate; A_up]).
+Projections that share an input run as one autograd Function (q, k and v; gate and up), with no dropout their LoRA-A
+as one matmul ([A_q; A_k; A_v]): per projection the host launches less (a sharded run is bound by the host's time).
 
 The MLP is one more step lean. SwiGLU's output (tokens x 28672 at 70B) is what down_proj's LoRA-A would keep for
 its weight gradient; `_SwiGLULoraA` keeps gate and up instead (needed by SwiGLU's backward anyway) and recomputes
@@ -50,6 +51,11 @@ def speed_up_lora(model: torch.nn.Module) -> dict[str, int]:
         if (all(getattr(module, name, None) in lean for name in ("gate_proj", "up_proj", "down_proj"))
                 and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")):
             module.forward = functools.partial(lean_mlp_forward, module)
+        if all(getattr(module, name, None) in lean for name in QKV):
+            handle = module.__dict__.pop("_lean_qkv", None)
+            if handle is not None:  # made lean again: one hook
+                handle.remove()
+            module._lean_qkv = module.register_forward_pre_hook(lean_qkv, with_kwargs=True)
     return counts
 
 
@@ -117,11 +123,32 @@ def lora_a_backward(grad_x: torch.Tensor | None, x: torch.Tensor, grad_xa: torch
 
 
 def lean_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    ready = module.__dict__.pop("_lean_output", None)  # computed with its neighbours by `lean_qkv`
+    if ready is not None and ready[0] is x and not args and not kwargs:
+        return ready[1]
     weights = None if args or kwargs else adapter(module, x.dtype)
     if weights is None:
         return type(module).forward(module, x, *args, **kwargs)  # PEFT's general path
     a, b, dropout = weights
     return _LoraGPTQ.apply((module.base_layer,), (dropout,), x, a, b)[0]
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def lean_qkv(attention, args, kwargs) -> None:
+    """Before the attention runs: q, k and v of its input in one _LoraGPTQ, each projection's output left for its
+    own forward to return (when called with that same input)."""
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    projections = [getattr(attention, name) for name in QKV]
+    weights = [adapter(p, x.dtype) for p in projections]  # in PEFT's order: the same masks
+    if None in weights:
+        return
+    (a_q, b_q, drop_q), (a_k, b_k, drop_k), (a_v, b_v, drop_v) = weights
+    outputs = _LoraGPTQ.apply(tuple(p.base_layer for p in projections), (drop_q, drop_k, drop_v), x, a_q, a_k, a_v,
+                              b_q, b_k, b_v)
+    for projection, output in zip(projections, outputs):
+        projection.__dict__["_lean_output"] = (x, output)
 
 
 def lean_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from finetune.gptq.format import GPTQConfig
 from finetune.gptq.loader import load_model
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
-from finetune.gpu.fast_lora import draw_seed, speed_up_lora
+from finetune.gpu.fast_lora import draw_seed, lean_qkv, speed_up_lora
 from finetune.gpu.fast_training import (
     RecomputePlan,
     apply_plan,
@@ -94,6 +94,31 @@ def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
         assert loss == pytest.approx(reference_loss, rel=1e-6)
         for name, grad in grads.items():
             assert ((grad - reference[name]).norm() / reference[name].norm()).item() < 1e-5, name
+
+
+def test_projections_sharing_an_input_run_as_one_function(checkpoint, monkeypatch):
+    """Per decoder layer three lean Functions: q, k and v together, o alone, gate and up together (down_proj is
+    _GPTQMatmulPlus), with dropout too; whatever calls a projection with another input gets its own output."""
+    from finetune.gpu import fast_lora
+    groups = []
+    apply = fast_lora._LoraGPTQ.apply
+    monkeypatch.setattr(fast_lora._LoraGPTQ, "apply", lambda layers, *rest: groups.append(len(layers)) or
+                        apply(layers, *rest))
+    tokens = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    model = lora_model(checkpoint, dropout=0.1)
+    speed_up_lora(model)
+    speed_up_lora(model)  # again: still one hook
+    model(input_ids=tokens, use_cache=False)
+    assert groups == [3, 1, 2] * TINY.num_hidden_layers
+    attention = decoder_layers(model.get_base_model())[0].self_attn
+    x, other = torch.randn(2, 1, 4, TINY.hidden_size).unbind()
+    model.eval()
+    attention.k_proj(x)  # no output waiting: computed alone
+    lean_qkv(attention, (x,), {})
+    waiting = attention.v_proj.__dict__["_lean_output"][1]
+    torch.testing.assert_close(waiting, type(attention.v_proj).forward(attention.v_proj, x))  # PEFT's forward
+    assert attention.v_proj(x) is waiting and "_lean_output" not in attention.v_proj.__dict__
+    torch.testing.assert_close(attention.k_proj(other), type(attention.k_proj).forward(attention.k_proj, other))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
