@@ -241,7 +241,8 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
 def apply_plan(layers, plan: RecomputePlan, hooks: HostOffload | None, norms: NormRecompute | None = None) -> None:
     """Set each layer's mode: host and offload layers save through `hooks` (what they save goes to the host:
     everything, or for a checkpointed layer only its input, inside the checkpoint its own hooks win), kept layers
-    through `norms` (no norm output kept); recompute layers checkpoint."""
+    through `norms` (no norm output kept); recompute layers checkpoint. With host or offload layers, the gradient of
+    the top layer's output starts bringing the last of them back (`HostOffload.fetch_last_layer`)."""
     for index, layer in enumerate(layers):
         mode = plan.mode(index, len(layers))
         layer.gradient_checkpointing = mode in ("recompute", "offload")
@@ -249,6 +250,20 @@ def apply_plan(layers, plan: RecomputePlan, hooks: HostOffload | None, norms: No
         saving = hooks if mode in ("offload", "host") else norms if mode == "keep" else None
         if saving is not None:
             layer.forward = functools.partial(_forward_saving_through, layer, saving)
+    top = layers[-1]
+    handle = top.__dict__.pop("_fetch_at_turn", None)
+    if handle is not None:
+        handle.remove()
+    if hooks is not None and (plan.host or plan.offload):
+        top._fetch_at_turn = top.register_forward_hook(functools.partial(_fetch_at_turn, hooks))
+
+
+def _fetch_at_turn(hooks: HostOffload, layer, args, output) -> None:
+    """The backward starts with the gradient of the top layer's output: from then on the last host layer's copies
+    come back while the layers above it run backward."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        hidden.register_hook(lambda grad: hooks.fetch_last_layer())  # None: the gradient passes unchanged
 
 
 def _forward_saving_through(layer, saved_tensors_hooks, *args, **kwargs):

@@ -544,6 +544,48 @@ def test_host_layers_give_the_gradients_of_kept_layers(checkpoint, monkeypatch):
     assert 0 < hooks.pinned_bytes < hooks_keeping_norms.pinned_bytes
 
 
+def test_host_layers_add_one_turn_hook_to_the_top_layer(checkpoint):
+    """apply_plan hooks the top layer's output (to start fetching the last host layer as the backward begins) once
+    however often it re-plans, and not when no layer goes to the host."""
+    from finetune.gpu.host_offload import HostOffload
+    layers = decoder_layers(lora_model(checkpoint).get_base_model())
+    hooks = HostOffload()
+    counts = []
+    for plan in (RecomputePlan(keep=1, offload=0, bytes=0, host=1), RecomputePlan(keep=1, offload=0, bytes=0, host=2),
+                 RecomputePlan(keep=3, offload=0, bytes=0), RecomputePlan(keep=0, offload=1, bytes=0, host=1)):
+        apply_plan(layers, plan, hooks)
+        counts.append([len(layer._forward_hooks) for layer in layers])
+    assert counts == [[0, 0, 1], [0, 0, 1], [0, 0, 0], [0, 0, 1]]
+
+
+@needs_cuda
+def test_the_last_host_layer_comes_back_as_the_backward_begins(checkpoint, monkeypatch):
+    """With a kept layer above the host layer, the host layer's copies are fetched from the turn of the backward,
+    before its own backward unpacks them (not by that first unpack, which would wait for all of them)."""
+    from finetune.gpu import host_offload
+    monkeypatch.setattr(host_offload, "OFFLOAD_MIN_BYTES", 0)
+
+    class Logged(host_offload.HostOffload):
+        def _unpack(self, copy):
+            events.append("unpack")
+            return super()._unpack(copy)
+
+        def _fetch(self, layer):
+            events.append("fetch" if layer.ready is None and layer.copies else "fetched")
+            return super()._fetch(layer)
+
+    events = []
+    tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
+    model = lora_model(checkpoint, device="cuda")
+    fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
+    layers = decoder_layers(model.get_base_model())
+    plan = RecomputePlan(keep=1, offload=0, bytes=0, host=1)
+    assert [plan.mode(i, 3) for i in range(3)] == ["host", "recompute", "keep"]
+    apply_plan(layers, plan, Logged())
+    loss_and_grads(model, tokens)
+    assert events[0] == "fetch" and events.index("unpack") > 0, events[:4]
+
+
 @needs_cuda
 def test_swiglu_lora_a_backward_kernel_gives_ligers_gradients_bit_for_bit():
     """bf16 at 70B's width: with a zero LoRA-A gradient the kernel's gate and up gradients equal liger's backward
