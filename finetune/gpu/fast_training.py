@@ -3,8 +3,8 @@
 What it does, each kept because it measured faster (eval/BENCHMARKS.md):
 - liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear-cross-entropy (no [tokens, vocab] logits in memory);
 - LoRA without wasted work (`fast_lora`): dropout without a kept mask, bf16 adapter math, the adapter's update
-  and its input gradient added inside the base matmuls, one LoRA-A matmul for gate and up, an MLP that keeps no
-  SwiGLU output, and a recompute that stops before down_proj's base matmul;
+  and its input gradient added inside the base matmuls, projections sharing an input (q, k, v; gate, up) in one
+  Function, an MLP that keeps no SwiGLU output, and a recompute that stops before down_proj's base matmul;
 - packed rows (several examples per row, padding-free) attend through flex attention with a block mask per
   example: sdpa would run the full masked row (4x the attention time of train.py at 70B shape); a single sequence
   per row keeps sdpa's causal flash kernel;
