@@ -33,6 +33,8 @@ from ..gptq.layer import GPTQLinear, dequantizer
 from . import dropout_matmul
 from .seeded_dropout import Dropout, drop
 
+QKV = ("q_proj", "k_proj", "v_proj")  # projections of the attention's one input, run as one Function (`lean_qkv`)
+
 
 def speed_up_lora(model: torch.nn.Module) -> dict[str, int]:
     """Give every eligible PEFT LoRA linear over a GPTQLinear the lean forward, and every MLP whose three
@@ -131,9 +133,6 @@ def lean_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(module).forward(module, x, *args, **kwargs)  # PEFT's general path
     a, b, dropout = weights
     return _LoraGPTQ.apply((module.base_layer,), (dropout,), x, a, b)[0]
-
-
-QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def lean_qkv(attention, args, kwargs) -> None:
