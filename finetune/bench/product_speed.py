@@ -20,7 +20,9 @@ the slowest step after warm-up against the median, host memory at the first and 
 checkout's train.py before and after this one's, A B A: two trees compared in one call, with the drift of the
 machine over the call in plain view. --warm-up-run N first runs this checkout's train.py for N steps, not compared:
 in the eleventh session's calls whichever train.py ran first in a call was ~2.4 % slower on the same rows than
-the one after it, whatever the tree.
+the one after it, whatever the tree. --launch gives accelerate's own arguments for train.py instead of one process:
+'--config_file accelerate_fsdp.yaml --num_processes 2' times the sharded run, '--multi_gpu --num_processes 2' data
+parallel (tok/s over every GPU's tokens).
 """
 
 import argparse
