@@ -78,7 +78,17 @@ def summarise(speed: list[dict], warmup: int, profiled: int | None = None) -> di
             "host_rss_gib": [first.get("host_rss_gib"), last.get("host_rss_gib")],
             "pinned_gib": [first.get("pinned_gib"), last.get("pinned_gib")],
             "gpu_peak_gib": max(s.get("gpu_peak_gib", 0) for s in speed),
+            "alloc_retries": alloc_retries(speed, warmup),
             "tokens_per_s_by_step": [s.get("tokens_per_s") for s in speed]}
+
+
+def alloc_retries(speed: list[dict], warmup: int) -> int | None:
+    """How often the CUDA allocator ran out and freed its cache to retry (each a device-wide synchronisation) in the
+    steps after `warmup`: the difference of the cumulative count logged per step."""
+    counts = [s.get("gpu_alloc_retries") for s in speed]
+    if None in counts or len(counts) <= warmup:
+        return None
+    return counts[-1] - (counts[warmup - 1] if warmup else 0)
 
 
 # ------------------------------------------------------------------------------------------------ the peer
@@ -174,20 +184,22 @@ def train_runs(steps: int, baseline: str | None, warm_up_steps: int) -> list[tup
 
 def format_table(results: dict) -> str:
     header = ("| case | steps (timed) | tok/s (wall) | × peer | median step s | slowest after warm-up (× median; "
-              "GC s in it) | host RSS GiB first → last | pinned GiB first → last | GPU peak GiB |")
+              "GC s in it) | host RSS GiB first → last | pinned GiB first → last | GPU peak GiB | allocator retries "
+              "after warm-up |")
     lines = [f"{results['card']} · {results['date']} · {results['config']} · `{results['command']}`", "", header,
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     peer = results["cases"].get("peer", {}).get("tokens_per_s")
     for name, r in results["cases"].items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | error: {r['error']} | | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / peer:.2f}" if peer else "–"
         lines.append(f"| {name} | {r['steps']} ({r['timed_steps']}) | {r['tokens_per_s']:.0f} "
                      f"({r['wall_tokens_per_s']:.0f}) | {ratio} | {r['median_step_s']} | step {r['slowest_step']}: "
                      f"{r['slowest_step_s']} s ({r['slowest_over_median']}; {r['slowest_gc_s']}) "
                      f"| {' → '.join(map(str, r['host_rss_gib']))} "
-                     f"| {' → '.join(map(str, r['pinned_gib']))} | {r['gpu_peak_gib']} |")
+                     f"| {' → '.join(map(str, r['pinned_gib']))} | {r['gpu_peak_gib']} "
+                     f"| {'–' if r.get('alloc_retries') is None else r['alloc_retries']} |")
     for name, r in results["cases"].items():
         if r.get("beside_training_s"):
             beside = r["beside_training_s"]

@@ -2,7 +2,14 @@
 steadiness and host-memory checks in eval/BENCHMARKS.md are computed from."""
 
 from finetune import REPO_ROOT
-from finetune.bench.product_speed import failure, launch_command, recipe_overrides, summarise, train_runs
+from finetune.bench.product_speed import (
+    failure,
+    format_table,
+    launch_command,
+    recipe_overrides,
+    summarise,
+    train_runs,
+)
 
 
 def step(n, seconds, tokens, rss, pinned=30.0, **beside):
@@ -27,6 +34,17 @@ def test_summary_leaves_out_warm_up_and_counts_evaluation_and_saves_only_in_the_
     assert "error" in summarise(speed[:2], warmup=2)
     # a profiled step and the one before it (where the profiler starts) are left out: steps 4 and 5
     assert summarise(speed, warmup=2, profiled=5)["tokens_per_s"] == round(8096 / 4.5, 1)
+    assert summary["alloc_retries"] is None  # not logged (a CPU run)
+
+
+def test_allocator_retries_are_counted_after_the_warm_up():
+    """metrics.json logs the allocator's cumulative retry count per step; the summary gives those of the timed steps."""
+    speed = [step(n, 2.0, 4096, 39.0, gpu_alloc_retries=count) for n, count in enumerate([0, 1, 1, 2, 2, 4], 1)]
+    assert summarise(speed, warmup=2)["alloc_retries"] == 3
+    assert summarise(speed, warmup=0)["alloc_retries"] == 4
+    table = format_table({"card": "2 × GPU", "date": "2026-11-29", "config": "L80", "command": "c",
+                          "cases": {"train.py": summarise(speed, warmup=2)}})
+    assert table.splitlines()[-1].startswith("| train.py | 6 (4) | 2048 (2048) | – |") and table.endswith("| 3 |")
 
 
 def test_a_run_without_a_logged_step_says_why():
