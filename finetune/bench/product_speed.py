@@ -43,6 +43,7 @@ from finetune import REPO_ROOT
 from finetune.bench.train_speed import run_worker, worker
 
 TOKENIZER = "smollm2-135m-instruct"  # the built-in model's tokenizer (has <|im_start|>, <|im_end|>)
+ONE_PROCESS = "--num_processes 1"  # accelerate launch's arguments for train.py unless --launch gives others
 
 
 def recipe_overrides(checkpoint: str, steps: int) -> list[str]:
@@ -134,7 +135,7 @@ def launch_command(launch: str, checkpoint: str, steps: int, run_dir: Path, extr
 
 
 def product_case(checkpoint: str, steps: int, out: Path, deadline: float, log, extra: list[str],
-                 repo: Path = REPO_ROOT, name: str = "product", launch: str = "--num_processes 1") -> dict:
+                 repo: Path = REPO_ROOT, name: str = "product", launch: str = ONE_PROCESS) -> dict:
     """`accelerate launch finetune/train.py recipe=medqa ...` from the checkout `repo` in its own process group,
     stopped at `deadline` (time.monotonic()), into out/`name`; its metrics.json holds every step it logged."""
     run_dir = out / name
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warm-up-run", type=int, default=0, metavar="STEPS",
                         help="first a train.py run of this many steps, left out of the comparison (the first run "
                              "in a call is slower)")
-    parser.add_argument("--launch", default="--num_processes 1",
+    parser.add_argument("--launch", default=ONE_PROCESS,
                         help="accelerate launch's arguments for train.py (default one process; e.g. "
                              "'--config_file accelerate_fsdp.yaml --num_processes 2': FSDP2 over two GPUs, "
                              "'--multi_gpu --num_processes 2': data parallel). tok/s counts every GPU's tokens")

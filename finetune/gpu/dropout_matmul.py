@@ -17,8 +17,10 @@ tensor): the same elements as `drop` for the same seed and shape, so forward and
 On an H200 at 70B's shapes (bf16, 4,096 tokens, rank 16) a decoder layer's LoRA dropout and SwiGLU work took
 2.45 ms with `drop` + cuBLAS, the input-gradient-only kernel and liger's SwiGLU, 2.32 ms with these kernels at
 64 x 64 tiles and ~2.04 ms (by the kernels' timings) at the tuned `TILES`: ~33 ms of a ~2 s train.py step
-(eval/BENCHMARKS.md; through train.py not yet distinguishable from the order of the runs). When the masks took one Philox call per four draws (sixth session), the forward and A-gradient
-kernels were no faster than `drop` + cuBLAS; eight draws per call made the masks cheap enough.
+(eval/BENCHMARKS.md; train.py with these tiles ran at 2,105 tok/s in the twelfth session, but a ~1.7 % gain is not
+told apart from the order of the runs in a call). When the masks took one Philox call per four draws (sixth
+session), the forward and A-gradient kernels were no faster than `drop` + cuBLAS; eight draws per call made the
+masks cheap enough.
 
 Products accumulate in fp32 (tl.dot; "ieee" for fp32 inputs, as torch's fp32 matmul, not TF32). The rank r is
 padded to a power of two of at least 16 (tl.dot's smallest block) and masked. A rank-16 output has too few tiles to
