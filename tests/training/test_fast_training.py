@@ -121,6 +121,29 @@ def test_projections_sharing_an_input_run_as_one_function(checkpoint, monkeypatc
     torch.testing.assert_close(attention.k_proj(other), type(attention.k_proj).forward(attention.k_proj, other))
 
 
+def test_adapter_weights_reach_the_lean_functions_with_no_cast_or_scale_recorded(checkpoint):
+    """bf16 activations, fp32 adapters, dropout: each LoRA weight's gradient comes straight from a lean Function's
+    backward (the Function casts and scales inside), not through a cast, 1/(1-p) or scaling node of its own."""
+    tokens = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    model = lora_model(checkpoint, dropout=0.1, dtype=torch.bfloat16)
+    speed_up_lora(model)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    lora = {p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    consumers, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and getattr(child, "variable", None) in lora:
+                consumers[child.variable] = type(node).__name__
+            stack.append(child)
+    assert set(consumers) == lora
+    assert set(consumers.values()) == {"_LoraGPTQBackward", "_SwiGLULoraBackward"}
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_kept_layers_hold_no_norm_output_and_give_the_same_gradients(checkpoint, dropout):
     """With NormRecompute a kept layer holds neither RMSNorm's output after its forward (the backward runs the norm
