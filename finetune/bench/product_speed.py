@@ -268,8 +268,9 @@ def main(argv=None) -> None:
         if args.peer:
             record("peer", run_worker("finetune.bench.product_speed", ["peer", json.dumps(spec)], log), warmup=1)
         for label, repo, name, steps in train_runs(args.steps, args.baseline, args.warm_up_run):
+            warmup = 0 if name == "warm-up" else args.warmup  # the warm-up run is all warm-up: every step shown
             record(label, product_case(checkpoint, steps, out, deadline, log, args.overrides, repo, name,
-                                       args.launch), 0 if name == "warm-up" else args.warmup)  # all warm-up: every step shown
+                                       args.launch), warmup)
         if args.synthetic:
             subprocess.run([sys.executable, "-m", "finetune.bench.train_speed", "--layers", str(args.layers),
                             "--checkpoint", checkpoint, "--no-peer", "--out", str(out / "synthetic")],

@@ -18,9 +18,10 @@ Projections that share an input run as one autograd Function (q, k and v; gate a
 as one matmul ([A_q; A_k; A_v]): per projection the host launches less (a sharded run is bound by the host's time).
 
 The MLP is one more step lean. SwiGLU's output (tokens x 28672 at 70B) is what down_proj's LoRA-A would keep for
-its weight gradient; `_SwiGLULora` (SwiGLU and down_proj's whole adapter) keeps gate and up instead (needed by SwiGLU's
-backward anyway) and recomputes the product in the backward, so a layer that keeps its activations holds a fifth less. On CUDA that backward is one
-kernel (`dropout_matmul.swiglu_lora_a_backward`): the product, its LoRA-A gradients and SwiGLU's in one pass.
+its weight gradient; `_SwiGLULora` (SwiGLU and down_proj's whole adapter) keeps gate and up instead (needed by
+SwiGLU's backward anyway) and recomputes the product in the backward, so a layer that keeps its activations holds a
+fifth less. On CUDA that backward is one kernel (`dropout_matmul.swiglu_lora_a_backward`): the product, its LoRA-A
+gradients and SwiGLU's in one pass.
 down_proj's adapter runs *before* its base matmul, which saves nothing: a recomputed layer's checkpoint has every
 tensor the backward needs before that matmul, and non-reentrant checkpointing stops there, skipping a quarter of the
 layer's FLOPs.
@@ -233,9 +234,10 @@ class _LoraGPTQ(torch.autograd.Function):
         for layer, g in zip(ctx.layers, grads):  # grad_x is this backward's own: add in place, no copy
             grad_x = grad_x.addmm_(g, dequantizer(g.device)(layer, g.dtype))
         grad_bs = [g.t() @ xa_i for g, xa_i in zip(grads, xa.split([b.shape[1] for b in bs], dim=1))]
-        return (None, None, grad_x.view_as(x),
-                *[master_grad_a(g, d, dtype) for g, d, dtype in zip(grad_as, dropouts, ctx.dtypes)],
-                *[master_grad_b(g, scaling, dtype) for g, (scaling, _), dtype in zip(grad_bs, ctx.folds, ctx.dtypes[n:])])
+        grad_as = [master_grad_a(g, dropout, dtype) for g, dropout, dtype in zip(grad_as, dropouts, ctx.dtypes)]
+        grad_bs = [master_grad_b(g, scaling, dtype)
+                   for g, (scaling, _), dtype in zip(grad_bs, ctx.folds, ctx.dtypes[n:])]
+        return None, None, grad_x.view_as(x), *grad_as, *grad_bs
 
 
 class _SwiGLULora(torch.autograd.Function):

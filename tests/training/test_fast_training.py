@@ -98,7 +98,8 @@ def test_lean_lora_and_selective_recompute_give_peft_gradients(checkpoint):
 
 def test_projections_sharing_an_input_run_as_one_function(checkpoint, monkeypatch):
     """Per decoder layer three lean Functions: q, k and v together, o alone, gate and up together (down_proj is
-    _GPTQMatmulPlus after _SwiGLULora), with dropout too; whatever calls a projection with another input gets its own output."""
+    _GPTQMatmulPlus after _SwiGLULora), with dropout too; whatever calls a projection with another input gets its own
+    output."""
     from finetune.gpu import fast_lora
     groups = []
     apply = fast_lora._LoraGPTQ.apply
