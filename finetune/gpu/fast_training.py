@@ -88,8 +88,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
     # the share of layers whose activations the link moves in the time the GPU runs them forward
     host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
-    plan = plan_for_budget(len(layers), *sizes, budget_bytes=budget, static_bytes=static, seq_len=seq_len,
-                           host_bytes=host_bytes, host_share=host_share)
+    limits = {"budget_bytes": budget, "static_bytes": static, "seq_len": seq_len, "host_share": host_share}
+    plan = plan_for_budget(len(layers), *sizes, host_bytes=host_bytes, **limits)
     apply_plan(layers, plan, hooks, hooks.norms)
     # pinned for the longest row now, not during step 1; every shorter row reuses it
     offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
@@ -104,6 +104,9 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
                   host_gib=round(plan.host * sizes[1] / GIB, 1), pinned_gib=round(hooks.pinned_bytes / GIB, 1),
                   host_share=round(host_share, 2),
                   layer_activations_mib=round(sizes[1] / 2 ** 20), layer_input_mib=round(sizes[0] / 2 ** 20))
+    roomier = host_memory_to_recompute_fewer(plan, len(layers), *sizes, **limits)
+    if roomier is not None:  # said at start (training.sft) and kept in the run's metrics
+        report["host_memory_gib_to_recompute_fewer"] = roomier
     base.fast_training_report = report  # for the run's metrics (training.run_report)
     return report
 
@@ -205,6 +208,18 @@ def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_
                           f"model takes {static_bytes / GIB:.1f} GiB and {err}; the smallest budget that fits is "
                           f"{smallest:g} GiB (raise gpu.memory_budget_gib to it, or shorten train.max_length)"
                           ) from None
+
+
+def host_memory_to_recompute_fewer(plan: RecomputePlan, n_layers: int, input_bytes: int, saved_bytes: int,
+                                   backward_bytes: int, **limits) -> tuple[int, int] | None:
+    """When pinned host memory, not the GPU's budget or the link, made `plan` recompute layers: (GiB of host
+    memory with which fewer recompute, how many recompute then); else None. `limits`: plan_for_budget's, but
+    host_bytes."""
+    recompute = n_layers - plan.keep - plan.host
+    roomy = plan_for_budget(n_layers, input_bytes, saved_bytes, backward_bytes, host_bytes=n_layers * saved_bytes,
+                            **limits)
+    fewer = n_layers - roomy.keep - roomy.host
+    return (math.ceil(roomy.host * saved_bytes / GIB), fewer) if fewer < recompute else None
 
 
 def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, free_bytes: float,

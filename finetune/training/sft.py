@@ -259,6 +259,12 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         if plan["peft_lora_modules"]:  # also in metrics.json's fast_path
             trainer.accelerator.print("fast GPU path: " + "; ".join(
                 f"{n} LoRA modules keep PEFT's slower forward: {why}" for why, n in plan["peft_lora_modules"].items()))
+        if "host_memory_gib_to_recompute_fewer" in plan:  # also in metrics.json's fast_path
+            gib, fewer = plan["host_memory_gib_to_recompute_fewer"]
+            trainer.accelerator.print(
+                f"fast GPU path: {plan['recompute']} layers recompute because pinned host memory holds "
+                f"{plan['host']} layers' activations ({plan['host_gib']} GiB); gpu.host_memory_gib={gib} (per process) "
+                f"would recompute {fewer}, faster, if this machine can pin it")
     skip_unchanged_mode_switch(trainer.model)
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):

@@ -23,6 +23,7 @@ from finetune.gpu.fast_training import (
     RecomputePlan,
     apply_plan,
     decoder_layers,
+    host_memory_to_recompute_fewer,
     plan_for_budget,
     plan_recompute,
 )
@@ -34,6 +35,7 @@ from tests.subprocesses import run_python
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=128)
 MIB = 2 ** 20
+GIB = 2 ** 30
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +406,26 @@ def test_plan_keeps_activations_on_the_host_as_the_link_and_pinned_memory_allow(
     for host_bytes, share in ((700 * MIB, 0.5), (64 * 1024 * MIB, 0.0)):
         none = plan_recompute(80, 64 * MIB, 800 * MIB, 1500 * MIB, free, host_bytes, share)
         assert none.host == 0 and none.keep == (30 * 1024 - 1500 - 80 * 64) // (800 - 64)
+
+
+def test_the_plan_names_the_host_memory_that_would_spare_its_recomputes():
+    """70B at 4,096 tokens under a 40 GiB cap: 32 GiB of pinned memory holds 44 layers' activations and 19 layers
+    recompute; the plan names 44 GiB, with which none do (43 would leave 2). Where the link or the GPU's budget
+    limits the plan, or nothing recomputes, it names nothing."""
+    sizes = (64 * MIB, 734 * MIB, 1500 * MIB)
+    limits = {"budget_bytes": 40 * GIB, "static_bytes": 22 * GIB, "seq_len": 4096, "host_share": 1.0}
+
+    def recompute(host_gib, **more):
+        plan = plan_for_budget(80, *sizes, host_bytes=host_gib * GIB, **limits | more)
+        return plan, 80 - plan.keep - plan.host
+
+    plan, recomputed = recompute(32)
+    assert (plan.keep, plan.host, recomputed) == (17, 44, 19)
+    assert host_memory_to_recompute_fewer(plan, 80, *sizes, **limits) == (44, 0)
+    assert recompute(44)[1] == 0 and recompute(43)[1] == 2
+    link = recompute(32, host_share=0.25)[0]  # the link carries 20 layers' activations: more memory changes nothing
+    assert link.host == 20 and host_memory_to_recompute_fewer(link, 80, *sizes, **limits | {"host_share": 0.25}) is None
+    assert host_memory_to_recompute_fewer(recompute(44)[0], 80, *sizes, **limits) is None
 
 
 def test_plan_moves_inputs_to_the_host_only_as_needed():
