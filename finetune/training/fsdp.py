@@ -64,6 +64,15 @@ def check_fsdp_setup(plugin: FullyShardedDataParallelPlugin) -> None:
                           f"each rank reads only its shard of the checkpoint, straight to its GPU ({FIX})")
 
 
+def one_process_notice(num_processes: int) -> str | None:
+    """What a sharded launch of one process is told at start: it shards nothing and pays FSDP2's hooks (measured
+    0.86x the unsharded run's tok/s on one H200, eval/BENCHMARKS.md, thirteenth session). Not an error: it trains."""
+    if num_processes != 1:
+        return None
+    return ("accelerate_fsdp.yaml with one process shards nothing and trains slower than without FSDP (0.86x on one "
+            "H200): on one GPU launch with accelerate_config.yaml; to shard, set num_processes to the GPUs")
+
+
 def apply_memory_cap(cap_gib: float | None) -> None:
     """Hold this process to the cap: the CUDA allocator raises out-of-memory rather than pass it."""
     if cap_gib is not None and torch.cuda.is_available():

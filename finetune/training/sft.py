@@ -189,6 +189,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     plugin = fsdp.fsdp_plugin()
     if plugin is not None:
         fsdp.check_fsdp_setup(plugin)
+        if notice := fsdp.one_process_notice(PartialState().num_processes):
+            PartialState().print(notice)
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
     source = model_source(cfg)
     model_dir = check_model(cfg, source)

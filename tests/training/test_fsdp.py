@@ -18,7 +18,7 @@ from finetune.gptq.format import GPTQConfig
 from finetune.gptq.layer import PACKED_TENSORS
 from finetune.gptq.loader import weight_files
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
-from finetune.training import sft
+from finetune.training import fsdp, sft
 from tests.subprocesses import REPO, pythonpath_with
 
 WORKER = REPO / "tests" / "training" / "fsdp_worker.py"
@@ -138,6 +138,16 @@ def test_bad_fsdp_setups_fail_before_loading(checkpoint, tmp_path, monkeypatch, 
     with pytest.raises(RecipeError, match=message):
         sft.prepare(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_launch_of_one_process_is_told_it_shards_nothing(checkpoint, tmp_path, monkeypatch, capsys):
+    for key, value in FSDP2.items():
+        monkeypatch.setenv(key, value)
+    sft.prepare(compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={tmp_path}/run"]))
+    assert ("accelerate_fsdp.yaml with one process shards nothing and trains slower than without FSDP (0.86x on one "
+            "H200): on one GPU launch with accelerate_config.yaml; to shard, set num_processes to the GPUs"
+            ) in capsys.readouterr().out.splitlines()
+    assert fsdp.one_process_notice(2) is None
 
 
 def test_a_cap_below_the_sharded_plan_fails_before_loading(checkpoint, tmp_path, monkeypatch):
