@@ -14,9 +14,11 @@ and the backward recomputes it. Pinned memory comes from a `PinnedArena`: slabs 
 up front for the longest row (`reserve`), it never grows.
 """
 
+import os
 import weakref
 
 import torch
+from tqdm.auto import tqdm
 
 from .norm_recompute import NormRecompute, RecomputedNorm, storage_key
 
@@ -55,11 +57,17 @@ class PinnedArena:
 
     def reserve(self, step: list[int]) -> None:
         """Add the slabs that a step taking buffers of these sizes (bytes, in order) needs, now rather than during
-        the first step: the fast path passes what its plan saves at the longest row."""
+        the first step: the fast path passes what its plan saves at the longest row. Pinning tens of GiB takes as
+        many seconds: a progress bar (GiB added; on each machine's first process only) shows it."""
         slab, offset = 0, 0
-        for nbytes in step:
-            slab, offset = self._place(self._aligned(nbytes), slab, offset)
-            offset += self._aligned(nbytes)
+        more = sum(self._aligned(n) for n in step) - self.pinned_bytes  # at least; slabs waste a little at their ends
+        with tqdm(total=round(more / 2 ** 30, 1), unit="GiB", desc="pinning host memory for host layers",
+                  disable=more <= 0 or os.environ.get("LOCAL_RANK", "0") != "0") as bar:
+            for nbytes in step:
+                before = self.pinned_bytes
+                slab, offset = self._place(self._aligned(nbytes), slab, offset)
+                offset += self._aligned(nbytes)
+                bar.update(round((self.pinned_bytes - before) / 2 ** 30, 1))
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised host tensor of `like`'s shape and dtype, with its strides where `like` is dense (as

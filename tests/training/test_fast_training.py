@@ -467,13 +467,17 @@ def test_dense_shapes_of_the_same_bytes_travel_to_the_host_as_one_copy():
     assert copy_key(hidden.transpose(1, 2)) != copy_key(hidden)  # not dense: its own layout
 
 
-def test_pinned_arena_is_reused_for_rows_of_any_length():
-    """The host layers' buffers come from one arena: sized once for the longest row, no row adds to it; each
-    buffer has the saved tensor's layout where that is dense, and no two buffers of a step overlap."""
+def test_pinned_arena_is_reused_for_rows_of_any_length(capsys):
+    """The host layers' buffers come from one arena: sized once for the longest row (a progress bar while it
+    pins), no row adds to it; each buffer has the saved tensor's layout where that is dense, and no two buffers of a
+    step overlap."""
     longest, layers = 512, 6
     arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
     arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
     reserved = arena.pinned_bytes
+    assert "pinning host memory for host layers" in capsys.readouterr().err
+    arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)  # sized already: no bar
+    assert arena.pinned_bytes == reserved and capsys.readouterr().err == ""
     assert reserved >= layers * sum(t.numel() * t.element_size() for t in saved_like(longest))
     for step, tokens in enumerate((300, 512, 17, 480, 512, 129, 4)):
         taken = []
