@@ -213,8 +213,8 @@ def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_
 def host_memory_to_recompute_fewer(plan: RecomputePlan, n_layers: int, input_bytes: int, saved_bytes: int,
                                    backward_bytes: int, **limits) -> tuple[int, int] | None:
     """When pinned host memory, not the GPU's budget or the link, made `plan` recompute layers: (GiB of host
-    memory with which fewer recompute, how many recompute then); else None. `limits`: plan_for_budget's, but
-    host_bytes."""
+    memory with which fewer recompute, how many recompute then); else None. `limits`: plan_for_budget's keyword
+    arguments other than host_bytes."""
     recompute = n_layers - plan.keep - plan.host
     roomy = plan_for_budget(n_layers, input_bytes, saved_bytes, backward_bytes, host_bytes=n_layers * saved_bytes,
                             **limits)
