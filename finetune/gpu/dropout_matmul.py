@@ -44,6 +44,7 @@ else:
 # timed at 70B's shapes on an H200 (eval/BENCHMARKS.md; 64, 64, 4, 4 took 4 to 25 % longer)
 TILES = {"forward": (32, 128, 4, 4), "backward": (32, 128, 8, 16), "swiglu": (32, 128, 4, 16)}
 
+
 def dropped_matmul(x: torch.Tensor, a: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     """drop(x) @ a.t() for x [T, K] and a [r, K]: [T, r] in x's dtype. Programs over (row tiles, K chunks)."""
     x, a = x.contiguous(), a.contiguous()
