@@ -251,8 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", nargs="*", default=["auto"],
                         help="memory budgets (GiB) to run ours at; 'auto' = 90%% of the card")
     parser.add_argument("--host-memory-gib", type=float, default=None,
-                        help="pinned host memory ours may keep activations in (default: a quarter of the machine's; "
-                             "0: none)")
+                        help="pinned host memory ours may keep activations in (default: the fast path's, "
+                             "host_offload.default_host_memory; 0: none)")
     parser.add_argument("--longest", type=int, nargs="*", default=[], help="sequence lengths to try, ascending")
     parser.add_argument("--gpus", type=int, default=1,
                         help="also run ours at the first budget data-parallel on this many GPUs (accelerate launch)")

@@ -21,7 +21,6 @@ weights and adapters plus the layers gathered whole while they compute, and is m
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from ..config.recipe import RecipeError
 from ..gptq.layer import FUSED_MAX_TOKENS, GPTQLinear
 from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
-from .host_offload import OFFLOAD_MIN_BYTES, HostOffload, copy_key
+from .host_offload import OFFLOAD_MIN_BYTES, HostOffload, copy_key, default_host_memory
 from .norm_recompute import NormRecompute
 
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
@@ -43,9 +42,10 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
 
     seq_len: tokens per step (the packed sequence length); memory_budget_gib: peak GPU memory to plan
     recompute for (default 90% of the card); host_memory_gib: pinned host memory that layers may keep their
-    activations in instead of recomputing (default a quarter of the machine's memory, shared among the processes
-    on it; 0: none); fused_loss: liger's fused linear-cross-entropy (off when the trainer
-    fuses lm_head and loss itself, as TRL's SFTTrainer does); packed: rows hold several examples told apart by
+    activations in instead of recomputing (default half of the machine's memory or of its cgroup's limit, at most
+    what is available now, shared among the processes on it: `host_offload.default_host_memory`; 0: none);
+    fused_loss: liger's fused linear-cross-entropy (off when the trainer fuses lm_head and loss itself, as TRL's
+    SFTTrainer does); packed: rows hold several examples told apart by
     their position_ids (flex attention). Call after `get_peft_model` and before the optimizer's first step;
     the plan assumes AdamW (two fp32 moments per trainable parameter). Calling again re-plans for a new length."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
@@ -130,13 +130,6 @@ def settle_sharded_root(model: torch.nn.Module, device: torch.device) -> None:
     tokens = max(FUSED_MAX_TOKENS.values()) + 1
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=False)
-
-
-def default_host_memory() -> float:
-    """A quarter of this machine's memory, shared among the training processes on it (accelerate sets
-    LOCAL_WORLD_SIZE)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total / 4 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def host_link_bytes_per_s(device: torch.device, nbytes: int = 64 * 2 ** 20) -> float:

@@ -16,6 +16,7 @@ any length reuse the same bytes: sized up front for the longest row (`reserve`),
 
 import os
 import weakref
+from pathlib import Path, PurePosixPath
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +24,54 @@ from tqdm.auto import tqdm
 from .norm_recompute import NormRecompute, RecomputedNorm, storage_key
 
 OFFLOAD_MIN_BYTES = 2 ** 20  # smaller saved tensors (position ids, norms' statistics) stay where they are
+
+
+def default_host_memory() -> float:
+    """Bytes of pinned host memory a training process may plan with when the recipe names none: half of what the
+    machine lets this process use (`memory_limit`), no more than is available now (`available_memory`), shared among
+    the training processes on the machine (accelerate sets LOCAL_WORLD_SIZE). Only what the plan's host layers take
+    is pinned; the process needs a few GiB besides. (Half rather than a quarter: a recomputed layer costs its forward
+    again where the GPU bounds the step; at 70B shape, 16,384 tokens, an 80 GB card's plan on a 128 GiB machine kept
+    10 layers on the host with a quarter, 21 with half: eval/BENCHMARKS.md.)"""
+    return min(memory_limit() / 2, available_memory()) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def memory_limit(cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
+    """The machine's memory, or less where this process's cgroup caps it (a container's limit, a job scheduler's
+    allocation: the machine's figure would pin past it and the kernel would kill the run). cgroup v2
+    (`memory.max`) and v1 (`memory.limit_in_bytes`), the cgroup and every one above it."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        lines = Path(cgroups).read_text().splitlines()
+    except OSError:  # not Linux
+        return limit
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # the v2 hierarchy
+            folder, name = Path(root), "memory.max"
+        elif "memory" in controllers.split(","):
+            folder, name = Path(root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = PurePosixPath(path).parts[1:]
+        for depth in range(len(parts) + 1):
+            try:
+                value = (folder.joinpath(*parts[:depth]) / name).read_text().strip()
+            except OSError:  # not this controller's hierarchy, or a cgroup above the namespace's root
+                continue
+            if value.isdigit():  # v2 writes "max" when unlimited
+                limit = min(limit, int(value))
+    return limit
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> float:
+    """Bytes the kernel says it can give without swapping (MemAvailable: free memory and the page cache it can
+    drop); infinite where it does not say."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")
 
 
 class _Layer:

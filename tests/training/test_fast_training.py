@@ -3,6 +3,7 @@ and the whole path against the CPU on a GPU (skipped without one; bench.train_sp
 
 import functools
 import itertools
+import os
 import weakref
 from importlib.util import find_spec
 
@@ -27,7 +28,7 @@ from finetune.gpu.fast_training import (
     plan_for_budget,
     plan_recompute,
 )
-from finetune.gpu.host_offload import PinnedArena, copy_key
+from finetune.gpu.host_offload import PinnedArena, available_memory, copy_key, default_host_memory, memory_limit
 from finetune.gpu.norm_recompute import NormRecompute
 from finetune.gpu.seeded_dropout import dropout_mask
 from tests.subprocesses import run_python
@@ -465,6 +466,35 @@ def test_dense_shapes_of_the_same_bytes_travel_to_the_host_as_one_copy():
     hidden = torch.randn(1, 16, 8)
     assert copy_key(hidden.view(16, 8)) == copy_key(hidden) != copy_key(hidden[:, 8:])
     assert copy_key(hidden.transpose(1, 2)) != copy_key(hidden)  # not dense: its own layout
+
+
+def test_host_memory_default_stays_within_the_cgroup_limit(tmp_path, monkeypatch):
+    """A job scheduler's or a container's memory limit (cgroup v2 or v1, on the process's cgroup or one above it)
+    bounds the pinned host memory the plan may use: the machine's figure would pin past it. Half of it, at most what
+    the kernel says is available, shared by the machine's training processes."""
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2 = tmp_path / "v2"
+    (v2 / "slurm" / "job_7" / "step_0").mkdir(parents=True)
+    (v2 / "slurm" / "job_7" / "memory.max").write_text(f"{8 * 2 ** 30}\n")  # the job's allocation
+    (v2 / "slurm" / "job_7" / "step_0" / "memory.max").write_text("max\n")
+    (tmp_path / "cgroup_v2").write_text("0::/slurm/job_7/step_0\n")
+    assert memory_limit(str(tmp_path / "cgroup_v2"), str(v2)) == min(machine, 8 * 2 ** 30)
+
+    v1 = tmp_path / "v1" / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{3 * 2 ** 30}\n")
+    (v1.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    (tmp_path / "cgroup_v1").write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert memory_limit(str(tmp_path / "cgroup_v1"), str(tmp_path / "v1")) == min(machine, 3 * 2 ** 30)
+    (tmp_path / "cgroup_none").write_text("0::/user.slice\n")  # no memory.max on the way up: the machine's
+    assert memory_limit(str(tmp_path / "cgroup_none"), str(tmp_path / "v1")) == machine
+
+    (tmp_path / "meminfo").write_text("MemTotal:       24684096 kB\nMemAvailable:   20000000 kB\n")
+    assert available_memory(str(tmp_path / "meminfo")) == 20000000 * 1024
+    one = default_host_memory()
+    assert 0 < one <= min(memory_limit() / 2, available_memory() * 1.05)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_host_memory() == pytest.approx(one / 4, rel=0.05)
 
 
 def test_pinned_arena_is_reused_for_rows_of_any_length(capsys):
