@@ -97,6 +97,7 @@ class PinnedArena:
 
     def __init__(self, pin: bool = True, slab_bytes: int = 4 * 2 ** 30):
         self.pin, self.slab_bytes = pin, slab_bytes
+        self.sizes: list[int] = []  # bytes of each slab: placed buffers decide them, `_allocate` makes them
         self.slabs: list[torch.Tensor] = []
         self.slab, self.offset, self.out = 0, 0, 0  # where the next buffer goes; buffers not yet given back
 
@@ -106,17 +107,13 @@ class PinnedArena:
 
     def reserve(self, step: list[int]) -> None:
         """Add the slabs that a step taking buffers of these sizes (bytes, in order) needs, now rather than during
-        the first step: the fast path passes what its plan saves at the longest row. Pinning tens of GiB takes as
-        many seconds: a progress bar (GiB added; on each machine's first process only) shows it."""
+        the first step: the fast path passes what its plan saves at the longest row. Pinning tens of GiB takes
+        seconds: a progress bar (bytes pinned, on each machine's first process only) shows it."""
         slab, offset = 0, 0
-        more = sum(self._aligned(n) for n in step) - self.pinned_bytes  # at least; slabs waste a little at their ends
-        with tqdm(total=round(more / 2 ** 30, 1), unit="GiB", desc="pinning host memory for host layers",
-                  disable=more <= 0 or os.environ.get("LOCAL_RANK", "0") != "0") as bar:
-            for nbytes in step:
-                before = self.pinned_bytes
-                slab, offset = self._place(self._aligned(nbytes), slab, offset)
-                offset += self._aligned(nbytes)
-                bar.update(round((self.pinned_bytes - before) / 2 ** 30, 1))
+        for nbytes in map(self._aligned, step):
+            slab, offset = self._place(nbytes, slab, offset)
+            offset += nbytes
+        self._allocate(progress=True)
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised host tensor of `like`'s shape and dtype, with its strides where `like` is dense (as
@@ -128,6 +125,8 @@ class PinnedArena:
                 if like.numel() else 0)
         nbytes = self._aligned(span * like.element_size())
         self.slab, start = self._place(nbytes, self.slab, self.offset)
+        if self.slab == len(self.slabs):
+            self._allocate()
         self.offset = start + nbytes
         self.out += 1
         raw = self.slabs[self.slab][start:start + nbytes]
@@ -139,14 +138,25 @@ class PinnedArena:
     def _place(self, nbytes: int, slab: int, offset: int) -> tuple[int, int]:
         """(slab, offset) where `nbytes` go when the last buffer ended at (slab, offset): there, else at the start
         of the next slab that holds them, adding one at the end if none does."""
-        while slab < len(self.slabs) and offset + nbytes > self.slabs[slab].numel():
+        while slab < len(self.sizes) and offset + nbytes > self.sizes[slab]:
             slab, offset = slab + 1, 0
-        if slab == len(self.slabs):
-            if self.pin and not self.slabs:
-                pin_from_threads()
-            self.slabs.append(torch.empty(max(self.slab_bytes, 1 << max(nbytes - 1, 0).bit_length()),
-                                          dtype=torch.uint8, pin_memory=self.pin))
+        if slab == len(self.sizes):
+            self.sizes.append(max(self.slab_bytes, 1 << max(nbytes - 1, 0).bit_length()))
         return slab, offset
+
+    def _allocate(self, progress: bool = False) -> None:
+        """Make the slabs `_place` added: all of them are known first, so the bar's total is what gets pinned."""
+        added = self.sizes[len(self.slabs):]
+        if not added:
+            return
+        if self.pin and not self.slabs:
+            pin_from_threads()
+        with tqdm(total=sum(added), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="pinning host memory for host layers",
+                  disable=not progress or os.environ.get("LOCAL_RANK", "0") != "0") as bar:
+            for size in added:
+                self.slabs.append(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin))
+                bar.update(size)
 
     def give_back(self) -> None:
         """A buffer from `take` is no longer needed (the copy out of it is queued on the stream that fills it)."""

@@ -499,13 +499,14 @@ def test_host_memory_default_stays_within_the_cgroup_limit(tmp_path, monkeypatch
 
 def test_pinned_arena_is_reused_for_rows_of_any_length(capsys):
     """The host layers' buffers come from one arena: sized once for the longest row (a progress bar while it
-    pins), no row adds to it; each buffer has the saved tensor's layout where that is dense, and no two buffers of a
+    pins, whose total is what it pins), no row adds to it; each buffer has the saved tensor's layout where that is dense, and no two buffers of a
     step overlap."""
     longest, layers = 512, 6
     arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
     arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
     reserved = arena.pinned_bytes
-    assert "pinning host memory for host layers" in capsys.readouterr().err
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("pinning host memory for host layers: 100%") and f"{reserved // 2 ** 20}.00M/" in bar, bar
     arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)  # sized already: no bar
     assert arena.pinned_bytes == reserved and capsys.readouterr().err == ""
     assert reserved >= layers * sum(t.numel() * t.element_size() for t in saved_like(longest))
