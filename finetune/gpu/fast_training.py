@@ -7,7 +7,8 @@ What it does, each kept because it measured faster (eval/BENCHMARKS.md):
   Function, an MLP that keeps no SwiGLU output, and a recompute that stops before down_proj's base matmul;
 - packed rows (several examples per row, padding-free) attend through flex attention with a block mask per
   example: sdpa would run the full masked row (4x the attention time of train.py at 70B shape); a single sequence
-  per row keeps sdpa's causal flash kernel;
+  per row keeps sdpa's causal flash kernel. The mask compiles without inductor's persistent kernels (minutes of
+  compile at 16,384 tokens with them);
 - selective recompute: as many decoder layers as fit keep their activations on the GPU; of the others, as many
   as the host link can carry while the GPU computes keep them in pinned host memory (`host_offload`), and only
   the rest recompute. When even recomputing every layer does not fit (long contexts), layer inputs wait in
@@ -95,6 +96,7 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
     hooks.arena.reserve(offloaded * plan.host + [sizes[0]] * plan.offload)
     if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
+        compile_flex_masks_without_persistent_kernels()
         base.set_attn_implementation("flex_attention")
     report.update(attention=base.config._attn_implementation, layers=len(layers), keep=plan.keep, host=plan.host,
                   recompute=len(layers) - plan.keep - plan.host, offload=plan.offload,
@@ -144,6 +146,23 @@ def host_link_bytes_per_s(device: torch.device, nbytes: int = 64 * 2 ** 20) -> f
     end.record()
     end.synchronize()
     return 3 * nbytes / (start.elapsed_time(end) / 1e3)
+
+
+def compile_flex_masks_without_persistent_kernels() -> None:
+    """transformers builds flex attention's block mask with a compiled `create_block_mask`, and inductor lowers its
+    argsort of each row's key blocks (and the sums over 128 x 128 tiles) to persistent Triton kernels whose compile
+    time explodes with the blocks in a row (pytorch#182060): at 16,384 tokens train.py's first step took ~200 s, most
+    of it in ptxas on that kernel (eval/BENCHMARKS.md). Without persistent reductions inductor sorts with ATen's
+    kernel and loops over the tiles. Only the mask's compile is changed: flex attention's kernels are compiled
+    outside it (templates either way). Registered for the process, once is enough."""
+    import torch._inductor.config
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    def flex_mask(*args, **kwargs):
+        with torch._inductor.config.patch({"triton.persistent_reductions": False}):
+            return flex_attention_mask(*args, **kwargs)
+
+    AttentionMaskInterface.register("flex_attention", flex_mask)
 
 
 def apply_liger(base: torch.nn.Module, fused_loss: bool = False) -> None:

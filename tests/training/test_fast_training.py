@@ -468,6 +468,34 @@ def test_dense_shapes_of_the_same_bytes_travel_to_the_host_as_one_copy():
     assert copy_key(hidden.transpose(1, 2)) != copy_key(hidden)  # not dense: its own layout
 
 
+def test_packed_rows_mask_compiles_without_persistent_kernels():
+    """The block mask of packed rows is compiled with inductor's persistent reductions off (their argsort of each row's
+    key blocks took minutes of ptxas at 16,384 tokens), seen from inside the mask function as torch traces it, and is
+    the mask transformers' own eager build gives: causal, each example attending to itself only, a row of 300 tokens
+    (not a multiple of the 128-token block)."""
+    import torch._inductor.config
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import masking_utils
+
+    fast_training.compile_flex_masks_without_persistent_kernels()
+    examples = torch.tensor([[0] * 100 + [1] * 150 + [2] * 50])
+    packed = masking_utils.and_masks(masking_utils.causal_mask_function,
+                                     masking_utils.packed_sequence_mask_function(examples))
+    persistent = []
+
+    def mask_function(*index):
+        persistent.append(torch._inductor.config.triton.persistent_reductions)
+        return packed(*index)
+
+    mask = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](batch_size=1, q_length=300, kv_length=300,
+                                                                        mask_function=mask_function, device="cpu")
+    assert persistent and set(persistent) == {False}
+    assert torch._inductor.config.triton.persistent_reductions  # only inside the mask's build
+    expected = create_block_mask(packed, 1, None, 300, 300, device="cpu")
+    assert torch.equal(mask.to_dense(), expected.to_dense())
+    assert mask.to_dense()[0, 0].tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
 def test_host_memory_default_stays_within_the_cgroup_limit(tmp_path, monkeypatch):
     """A job scheduler's or a container's memory limit (cgroup v2 or v1, on the process's cgroup or one above it)
     bounds the pinned host memory the plan may use: the machine's figure would pin past it. Half of it, at most what
