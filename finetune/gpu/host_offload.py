@@ -174,8 +174,9 @@ def pin_from_threads() -> None:
     allocator's own options (expandable segments) unchanged: eval/BENCHMARKS.md. Left to the user where
     PYTORCH_ALLOC_CONF (or the older PYTORCH_CUDA_ALLOC_CONF) sets pinned-memory options itself."""
     configured = os.environ.get("PYTORCH_ALLOC_CONF", "") + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "pinned_" not in configured:
-        torch._C._accelerator_setAllocatorSettings(
+    if "pinned_" not in configured:  # older torch has only the setter that newer torch deprecates
+        set_allocator = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (set_allocator or torch.cuda.memory._set_allocator_settings)(
             f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{PINNING_THREADS}")
 
 

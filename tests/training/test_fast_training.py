@@ -28,7 +28,14 @@ from finetune.gpu.fast_training import (
     plan_for_budget,
     plan_recompute,
 )
-from finetune.gpu.host_offload import PinnedArena, available_memory, copy_key, default_host_memory, memory_limit
+from finetune.gpu.host_offload import (
+    PinnedArena,
+    available_memory,
+    copy_key,
+    default_host_memory,
+    memory_limit,
+    pin_from_threads,
+)
 from finetune.gpu.norm_recompute import NormRecompute
 from finetune.gpu.seeded_dropout import dropout_mask
 from tests.subprocesses import run_python
@@ -494,6 +501,15 @@ def test_packed_rows_mask_compiles_without_persistent_kernels():
     expected = create_block_mask(packed, 1, None, 300, 300, device="cpu")
     assert torch.equal(mask.to_dense(), expected.to_dense())
     assert mask.to_dense()[0, 0].tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
+def test_this_torch_takes_the_threaded_pinning_setting():
+    """The allocator setting the GPU path makes before pinning its slabs is one this torch parses (an unknown key or
+    a missing setter raises); CPU builds parse it too."""
+    pin_from_threads()
+    with pytest.raises((ValueError, RuntimeError), match="no_such_setting"):  # the setter checks what it gets
+        (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+         or torch.cuda.memory._set_allocator_settings)("pinned_no_such_setting:True")
 
 
 def test_host_memory_default_stays_within_the_cgroup_limit(tmp_path, monkeypatch):
