@@ -22,6 +22,7 @@ weights and adapters plus the layers gathered whole while they compute, and is m
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,18 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
     # the share of layers whose activations the link moves in the time the GPU runs them forward
     host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
-    limits = {"budget_bytes": budget, "static_bytes": static, "seq_len": seq_len, "host_share": host_share}
+    # what the host buffers of a plan take at the longest row: pinned for it now, not during step 1, so that every
+    # shorter row reuses them
+    offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
+
+    def host_buffers(plan: RecomputePlan) -> list[int]:
+        return offloaded * plan.host + [sizes[0]] * plan.offload
+
+    limits = {"budget_bytes": budget, "static_bytes": static, "seq_len": seq_len, "host_share": host_share,
+              "pinned_for": lambda plan: hooks.arena.pinned_for(host_buffers(plan))}
     plan = plan_for_budget(len(layers), *sizes, host_bytes=host_bytes, **limits)
     apply_plan(layers, plan, hooks, hooks.norms)
-    # pinned for the longest row now, not during step 1; every shorter row reuses it
-    offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]
-    hooks.arena.reserve(offloaded * plan.host + [sizes[0]] * plan.offload)
+    hooks.arena.reserve(host_buffers(plan))
     if packed:  # after measuring: the layer was measured with sdpa, whose saved tensors flex's match
         compile_flex_masks_without_persistent_kernels()
         base.set_attn_implementation("flex_attention")
@@ -207,13 +214,19 @@ class BudgetTooSmall(ValueError):
 
 
 def plan_for_budget(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, *, budget_bytes: float,
-                    static_bytes: float, seq_len: int, host_bytes: float = 0, host_share: float = 0) -> RecomputePlan:
+                    static_bytes: float, seq_len: int, host_bytes: float = 0, host_share: float = 0,
+                    pinned_for: Callable[[RecomputePlan], int] | None = None) -> RecomputePlan:
     """`plan_recompute` within a peak of `budget_bytes`, of which the model, adapters, gradients and optimizer
-    state take `static_bytes`; a budget that fits no plan is an error naming the smallest one that does."""
+    state take `static_bytes`; a budget that fits no plan is an error naming the smallest one that does.
+    `pinned_for(plan)`: the bytes pinning the plan's host buffers takes (`PinnedArena.pinned_for`: whole slabs, a
+    little more than the host layers' activations); host layers are fewer until that fits `host_bytes`."""
+    free_bytes = budget_bytes - static_bytes - FAST_PATH_HEADROOM_BYTES
     try:
-        return plan_recompute(n_layers, input_bytes, saved_bytes, backward_bytes,
-                              free_bytes=budget_bytes - static_bytes - FAST_PATH_HEADROOM_BYTES, host_bytes=host_bytes,
-                              host_share=host_share)
+        plan = plan_recompute(n_layers, input_bytes, saved_bytes, backward_bytes, free_bytes, host_bytes, host_share)
+        while plan.host and pinned_for is not None and pinned_for(plan) > host_bytes:
+            plan = plan_recompute(n_layers, input_bytes, saved_bytes, backward_bytes, free_bytes,
+                                  (plan.host - 1) * saved_bytes, host_share)
+        return plan
     except BudgetTooSmall as err:
         smallest = math.ceil((static_bytes + FAST_PATH_HEADROOM_BYTES + err.free_bytes_needed) / GIB * 10) / 10
         raise RecipeError(f"memory_budget_gib={budget_bytes / GIB:g} is too small for {seq_len} tokens per row: the "
@@ -228,10 +241,12 @@ def host_memory_to_recompute_fewer(plan: RecomputePlan, n_layers: int, input_byt
     memory with which fewer recompute, how many recompute then); else None. `limits`: plan_for_budget's keyword
     arguments other than host_bytes."""
     recompute = n_layers - plan.keep - plan.host
-    roomy = plan_for_budget(n_layers, input_bytes, saved_bytes, backward_bytes, host_bytes=n_layers * saved_bytes,
+    # room for every layer's activations, and the arena's slack beyond them
+    roomy = plan_for_budget(n_layers, input_bytes, saved_bytes, backward_bytes, host_bytes=2 * n_layers * saved_bytes,
                             **limits)
     fewer = n_layers - roomy.keep - roomy.host
-    return (math.ceil(roomy.host * saved_bytes / GIB), fewer) if fewer < recompute else None
+    pinned_for = limits.get("pinned_for") or (lambda plan: plan.host * saved_bytes)
+    return (math.ceil(pinned_for(roomy) / GIB), fewer) if fewer < recompute else None
 
 
 def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_bytes: int, free_bytes: float,

@@ -109,11 +109,15 @@ class PinnedArena:
         """Add the slabs that a step taking buffers of these sizes (bytes, in order) needs, now rather than during
         the first step: the fast path passes what its plan saves at the longest row. Pinning tens of GiB takes
         seconds: a progress bar (bytes pinned, on each machine's first process only) shows it."""
-        slab, offset = 0, 0
-        for nbytes in map(self._aligned, step):
-            slab, offset = self._place(nbytes, slab, offset)
-            offset += nbytes
+        self._fit(step, self.sizes)
         self._allocate(progress=True)
+
+    def pinned_for(self, step: list[int]) -> int:
+        """Bytes this arena pins once `reserve(step)` has run: whole slabs, a little more than the buffers (the
+        fast path's plan keeps this within its host memory). Nothing is allocated."""
+        sizes = list(self.sizes)
+        self._fit(step, sizes)
+        return sum(sizes)
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised host tensor of `like`'s shape and dtype, with its strides where `like` is dense (as
@@ -124,7 +128,7 @@ class PinnedArena:
         span = (1 + sum((size - 1) * stride for size, stride in zip(layout.shape, layout.stride()))
                 if like.numel() else 0)
         nbytes = self._aligned(span * like.element_size())
-        self.slab, start = self._place(nbytes, self.slab, self.offset)
+        self.slab, start = self._place(nbytes, self.slab, self.offset, self.sizes)
         if self.slab == len(self.slabs):
             self._allocate()
         self.offset = start + nbytes
@@ -135,13 +139,20 @@ class PinnedArena:
     def _aligned(self, nbytes: int) -> int:
         return -(-nbytes // self.ALIGN) * self.ALIGN
 
-    def _place(self, nbytes: int, slab: int, offset: int) -> tuple[int, int]:
-        """(slab, offset) where `nbytes` go when the last buffer ended at (slab, offset): there, else at the start
-        of the next slab that holds them, adding one at the end if none does."""
-        while slab < len(self.sizes) and offset + nbytes > self.sizes[slab]:
+    def _fit(self, step: list[int], sizes: list[int]) -> None:
+        """Add to the slab sizes `sizes` the slabs a step taking buffers of these sizes needs, placed in order."""
+        slab, offset = 0, 0
+        for nbytes in map(self._aligned, step):
+            slab, offset = self._place(nbytes, slab, offset, sizes)
+            offset += nbytes
+
+    def _place(self, nbytes: int, slab: int, offset: int, sizes: list[int]) -> tuple[int, int]:
+        """(slab, offset) where `nbytes` go when the last buffer ended at (slab, offset) of slabs of `sizes`: there,
+        else at the start of the next slab that holds them, adding one at the end if none does."""
+        while slab < len(sizes) and offset + nbytes > sizes[slab]:
             slab, offset = slab + 1, 0
-        if slab == len(self.sizes):
-            self.sizes.append(max(self.slab_bytes, 1 << max(nbytes - 1, 0).bit_length()))
+        if slab == len(sizes):
+            sizes.append(max(self.slab_bytes, 1 << max(nbytes - 1, 0).bit_length()))
         return slab, offset
 
     def _allocate(self, progress: bool = False) -> None:

@@ -436,6 +436,28 @@ def test_the_plan_names_the_host_memory_that_would_spare_its_recomputes():
     assert host_memory_to_recompute_fewer(recompute(44)[0], 80, *sizes, **limits) is None
 
 
+def test_what_the_plan_pins_stays_within_its_host_memory():
+    """The arena pins whole 4 GiB slabs, a little more than the host layers' activations (the H200 runs pinned 52 GiB
+    for 43.7 GiB of them): the plan keeps fewer host layers until what it pins fits the host memory it was given, and
+    the host memory it names to spare recomputes is what pinning that plan takes."""
+    sizes = (64 * MIB, 734 * MIB, 1500 * MIB)
+    per_layer = [224 * MIB, 224 * MIB, 112 * MIB, 64 * MIB, 64 * MIB, 46 * MIB]  # 734 MiB saved, as buffers
+    arena = PinnedArena(pin=False)  # 4 GiB slabs; pinned_for allocates nothing
+
+    def pinned_for(plan):
+        return arena.pinned_for(per_layer * plan.host)
+
+    limits = {"budget_bytes": 40 * GIB, "static_bytes": 22 * GIB, "seq_len": 4096, "host_share": 1.0}
+    unbounded = plan_for_budget(80, *sizes, host_bytes=32 * GIB, **limits)
+    assert unbounded.host == 44 and pinned_for(unbounded) == 36 * GIB  # 31.5 GiB of activations: 9 slabs
+    plan = plan_for_budget(80, *sizes, host_bytes=32 * GIB, pinned_for=pinned_for, **limits)
+    assert pinned_for(plan) <= 32 * GIB < pinned_for(RecomputePlan(plan.keep, 0, 0, plan.host + 1))
+    assert plan.host == 43 and arena.pinned_bytes == 0
+    gib, recomputed = host_memory_to_recompute_fewer(plan, 80, *sizes, pinned_for=pinned_for, **limits)
+    roomy = plan_for_budget(80, *sizes, host_bytes=gib * GIB, pinned_for=pinned_for, **limits)
+    assert (gib, recomputed) == (48, 0) and 80 - roomy.keep - roomy.host == 0 and pinned_for(roomy) <= gib * GIB
+
+
 def test_plan_moves_inputs_to_the_host_only_as_needed():
     # 32k tokens: 512 MiB input and ~8.6 GiB saved per layer; 45 GiB free
     plan = plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=45 * 1024 * MIB)
@@ -547,8 +569,11 @@ def test_pinned_arena_is_reused_for_rows_of_any_length(capsys):
     step overlap."""
     longest, layers = 512, 6
     arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
+    foreseen = arena.pinned_for([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
+    assert arena.pinned_bytes == 0
     arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
     reserved = arena.pinned_bytes
+    assert reserved == foreseen  # what the plan counts is what gets pinned
     bar = capsys.readouterr().err.split("\r")[-1]
     assert bar.startswith("pinning host memory for host layers: 100%") and f"{reserved // 2 ** 20}.00M/" in bar, bar
     arena.reserve([t.numel() * t.element_size() for t in saved_like(longest)] * layers)  # sized already: no bar
