@@ -20,14 +20,7 @@ from finetune.gptq.loader import load_model
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
 from finetune.gpu.fast_lora import draw_seed, lean_qkv, speed_up_lora
-from finetune.gpu.fast_training import (
-    RecomputePlan,
-    apply_plan,
-    decoder_layers,
-    host_memory_to_recompute_fewer,
-    plan_for_budget,
-    plan_recompute,
-)
+from finetune.gpu.fast_training import apply_plan, decoder_layers
 from finetune.gpu.host_offload import (
     PinnedArena,
     available_memory,
@@ -37,6 +30,13 @@ from finetune.gpu.host_offload import (
     pin_from_threads,
 )
 from finetune.gpu.norm_recompute import NormRecompute
+from finetune.gpu.recompute_plan import (
+    BudgetTooSmall,
+    RecomputePlan,
+    host_memory_to_recompute_fewer,
+    plan_for_budget,
+    plan_recompute,
+)
 from finetune.gpu.seeded_dropout import dropout_mask
 from tests.subprocesses import run_python
 
@@ -464,7 +464,7 @@ def test_plan_moves_inputs_to_the_host_only_as_needed():
     on_gpu = (45 * 1024 - 8800 - 4000 - 2 * 512) // 512
     assert (plan.keep, plan.offload) == (0, 80 - on_gpu)
     assert [plan.mode(i, 80) for i in (0, plan.offload - 1, plan.offload)] == ["offload", "offload", "recompute"]
-    with pytest.raises(fast_training.BudgetTooSmall, match="recompute needs 13.5 GiB beyond the model"):
+    with pytest.raises(BudgetTooSmall, match="recompute needs 13.5 GiB beyond the model"):
         plan_recompute(80, 512 * MIB, 8800 * MIB, 4000 * MIB, free_bytes=10 * 1024 * MIB)
 
 
