@@ -41,13 +41,13 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     """Make a PEFT LoRA model over GPTQLinear layers train fast on its GPU; returns what was done.
 
     seq_len: tokens per step (the packed sequence length); memory_budget_gib: peak GPU memory to plan
-    recompute for (default 90% of the card); host_memory_gib: pinned host memory that layers may keep their
-    activations in instead of recomputing (default half of the machine's memory or of its cgroup's limit, at most
-    what is available now, shared among the processes on it: `host_offload.default_host_memory`; 0: none);
+    recompute for (default 90% of the card); host_memory_gib: the most pinned host memory that layers may keep
+    their activations in instead of recomputing (default half of the machine's memory or of its cgroup's limit, at
+    most what is available now, shared among the processes on it: `host_offload.default_host_memory`; 0: none);
     fused_loss: liger's fused linear-cross-entropy (off when the trainer fuses lm_head and loss itself, as TRL's
-    SFTTrainer does); packed: rows hold several examples told apart by
-    their position_ids (flex attention). Call after `get_peft_model` and before the optimizer's first step;
-    the plan assumes AdamW (two fp32 moments per trainable parameter). Calling again re-plans for a new length."""
+    SFTTrainer does); packed: rows hold several examples told apart by their position_ids (flex attention). Call
+    after `get_peft_model` and before the optimizer's first step; the plan assumes AdamW (two fp32 moments per
+    trainable parameter). Calling again re-plans for a new length."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise ValueError("enable_fast_training needs the model on a CUDA GPU; on CPU train without it")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
