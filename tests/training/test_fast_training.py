@@ -565,8 +565,8 @@ def test_host_memory_default_stays_within_the_cgroup_limit(tmp_path, monkeypatch
 
 def test_pinned_arena_is_reused_for_rows_of_any_length(capsys):
     """The host layers' buffers come from one arena: sized once for the longest row (a progress bar while it
-    pins, whose total is what it pins), no row adds to it; each buffer has the saved tensor's layout where that is dense, and no two buffers of a
-    step overlap."""
+    pins, whose total is what it pins), no row adds to it; each buffer has the saved tensor's layout where that is
+    dense, and no two buffers of a step overlap."""
     longest, layers = 512, 6
     arena = PinnedArena(pin=False, slab_bytes=2 ** 20)
     foreseen = arena.pinned_for([t.numel() * t.element_size() for t in saved_like(longest)] * layers)
