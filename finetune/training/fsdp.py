@@ -20,6 +20,7 @@ Here also: the checks that the launch's FSDP settings can shard a GPTQ model (be
 mixed-precision policy that keeps the weights in their stored dtypes.
 """
 
+import itertools
 import os
 
 import torch
@@ -188,6 +189,18 @@ def gather_head_with_backbone(model: torch.nn.Module) -> None:
         return output
 
     model.get_base_model().base_model.register_forward_hook(gather)
+
+
+def prefetch_next_layer(model: torch.nn.Module) -> None:
+    """FSDP2 issues a unit's all-gather when the CPU reaches the unit's forward, so where the CPU is not ahead of the
+    GPU (the sharded fast path's step is bound by the host: eval/BENCHMARKS.md, twelfth session) the GPU waits for
+    every decoder layer's gather in the forward. Each decoder layer's forward now starts the next one's gather (the
+    backward already gathers the layer below ahead); the fast path's plan counts that layer (`gathered` twice)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and isinstance(m, FSDPModule)]
+    for layer, following in itertools.pairwise(layers):
+        layer.set_modules_to_forward_prefetch([following])
 
 
 def load_sharded_adapter(trainer, checkpoint) -> None:

@@ -251,6 +251,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
         fsdp.shard_model(trainer.accelerator, trainer.model)
         fsdp.gather_head_with_backbone(trainer.model)
+        fsdp.prefetch_next_layer(trainer.model)
     if fast_path_runs(cfg):
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,

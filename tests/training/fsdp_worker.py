@@ -47,7 +47,7 @@ from finetune.gpu.fast_training import (
     settle_sharded_root,
 )
 from finetune.gpu.norm_recompute import NormRecompute
-from finetune.training.fsdp import full_adapter_state, shard_model
+from finetune.training.fsdp import full_adapter_state, prefetch_next_layer, shard_model
 
 
 def lora_model(checkpoint: str, sharded: bool) -> torch.nn.Module:
@@ -68,7 +68,9 @@ def shard(accelerator: Accelerator, model: torch.nn.Module) -> int:
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="SHARDED_STATE_DICT")
-    return shard_model(accelerator, model)
+    read = shard_model(accelerator, model)
+    prefetch_next_layer(model)  # as train.py shards
+    return read
 
 
 def batch(model: torch.nn.Module, accelerator: Accelerator, sharded: bool) -> torch.Tensor:
