@@ -69,7 +69,9 @@ def build_model(side: str, spec: dict):
         return get_peft_model(model, lora), None
     from finetune.gptq.loader import load_model
     from finetune.gpu.fast_training import enable_fast_training
-    model = get_peft_model(load_model(spec["checkpoint"]), lora)  # this process's GPU (cuda:0 alone)
+    from finetune.models.adapter import peft_without_gptqmodel
+    with peft_without_gptqmodel():
+        model = get_peft_model(load_model(spec["checkpoint"]), lora)  # this process's GPU (cuda:0 alone)
     return model, enable_fast_training(model, seq_len=spec["seq_len"], memory_budget_gib=spec.get("budget"),
                                        host_memory_gib=spec.get("host_memory_gib"))
 

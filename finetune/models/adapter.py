@@ -1,9 +1,13 @@
 """A trained LoRA adapter put back on its GPTQ base, as evaluation, parity and export load it."""
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peft import PeftModel
+from peft.import_utils import is_gptqmodel_available
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -33,10 +37,32 @@ def adapter_vocab_size(adapter_dir: Path, base_vocab: int) -> int:
     return max(base_vocab, len(AutoTokenizer.from_pretrained(adapter_dir)))
 
 
+@contextmanager
+def peft_without_gptqmodel() -> Iterator[None]:
+    """Wrap GPTQ layers with LoRA without importing gptqmodel. Where gptqmodel is installed (the `quantize` extra, or
+    beside the peer stack), PEFT imports it for every LoRA target only to ask whether the layer is one of gptqmodel's
+    (`peft.tuners.lora.awq.dispatch_awq`); ours never is. The import takes ~4 s and sets PYTORCH_ALLOC_CONF
+    (garbage_collection_threshold:0.7, max_split_size_mb:256) and CUDA_DEVICE_ORDER for the process and its children,
+    and the sharded run's CUDA allocator starts after it. While hidden, `import gptqmodel` fails and PEFT's check
+    answers no (its cached answer is cleared after, so later PEFT calls see gptqmodel again); a process that imported
+    gptqmodel already keeps it."""
+    if "gptqmodel" in sys.modules:
+        yield
+        return
+    sys.modules["gptqmodel"] = None  # importlib's marker for a module that cannot be imported
+    try:
+        yield
+    finally:
+        if sys.modules.get("gptqmodel", 0) is None:
+            del sys.modules["gptqmodel"]
+        is_gptqmodel_available.cache_clear()
+
+
 def attach_adapter(model: nn.Module, adapter_dir: str | Path, **kwargs) -> PeftModel:
     """Plain PEFT on a GPTQ base, with the embeddings grown first if training added tokens."""
     vocab = adapter_vocab_size(Path(adapter_dir), model.get_input_embeddings().num_embeddings)
     if vocab != model.get_input_embeddings().num_embeddings:
         # the new rows are trainable token rows, saved in the adapter and loaded over whatever this initialises
         model.resize_token_embeddings(vocab, mean_resizing=False)
-    return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    with peft_without_gptqmodel():
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)

@@ -48,6 +48,7 @@ from ..data.registry import load_benchmark, resolve_options
 from ..evaluation.benchmarks import eval_batch_size
 from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source, tensor_shapes, weight_files
+from ..models.adapter import peft_without_gptqmodel
 from ..models.source import model_source
 from . import budget, fsdp
 from .eval_callback import SliceAccuracyCallback, training_slice
@@ -245,8 +246,9 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         os.environ.setdefault("WANDB_DIR", cfg.output_dir)
         os.environ.setdefault("WANDB_PROJECT", "meditron-finetune")
     model, tokenizer, added_ids = load_model_and_tokenizer(prepared)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
-                         peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
+    with peft_without_gptqmodel():  # SFTTrainer wraps the model with LoRA
+        trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
+                             peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
     if prepared.fsdp is not None:  # sharded now, each rank reading its own rows; accelerate's prepare keeps it so
         fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
         fsdp.shard_model(trainer.accelerator, trainer.model)

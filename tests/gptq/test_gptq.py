@@ -3,6 +3,7 @@
 - dequantised weights equal gptqmodel's exactly, every module of every fixture;
 - `load_model` logits equal transformers + optimum + gptqmodel's within fp32 rounding;
 - GPTQLinear's input gradient equals autograd through the dense weight, and it saves nothing for backward;
+- PEFT wraps GPTQLinear with LoRA without importing gptqmodel (which rewrites the CUDA allocator's settings);
 - SmolLM2 stays a working model after quantisation (perplexity on real PubMedQA abstracts);
 - every malformed checkpoint or quantisation request fails with its one-line message, before heavy work.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from gptq_fixtures import SMOLLM2_GPTQ, TINY_GPTQ, gptq_dir
+from subprocesses import run_python
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from finetune import load_model
@@ -123,6 +125,30 @@ def test_gptq_linear_saves_nothing_for_backward(gptq_checkpoint):
     out.sum().backward()
     assert [tuple(t.shape) for t in saved] == []
     assert x.grad is not None
+
+
+def test_lora_on_gptq_layers_leaves_gptqmodel_unimported():
+    """Where gptqmodel is installed PEFT imports it for every LoRA target (to ask whether the layer is gptqmodel's),
+    and that import sets PYTORCH_ALLOC_CONF; train.py, evaluation and export wrap our layers with it hidden."""
+    checkpoint = gptq_dir("4bit-g128-actorder")
+    result = run_python(f"""
+        import os, sys
+        from peft import LoraConfig, get_peft_model
+        from finetune import load_model
+        from finetune.models.adapter import peft_without_gptqmodel
+        def wrapped():
+            lora = LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+            return get_peft_model(load_model({str(checkpoint)!r}, device="cpu"), lora)
+        with peft_without_gptqmodel():
+            model = wrapped()
+        print("RESULT", type(model.base_model.model.model.layers[0].mlp.down_proj).__name__,
+              "gptqmodel" in sys.modules, repr(os.environ["PYTORCH_ALLOC_CONF"]))
+        wrapped()  # PEFT's own behaviour, which the test would miss if PEFT stopped importing gptqmodel
+        print("RESULT", "gptqmodel" in sys.modules, "garbage_collection_threshold" in os.environ["PYTORCH_ALLOC_CONF"])
+        """, PYTORCH_ALLOC_CONF="")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]  # gptqmodel prints too
+    assert results == ["RESULT Linear False ''", "RESULT True True"]
 
 
 def test_model_backward_keeps_no_weight_sized_tensor():
