@@ -39,13 +39,14 @@ def adapter_vocab_size(adapter_dir: Path, base_vocab: int) -> int:
 
 @contextmanager
 def peft_without_gptqmodel() -> Iterator[None]:
-    """Wrap GPTQ layers with LoRA without importing gptqmodel. Where gptqmodel is installed (the `quantize` extra, or
-    beside the peer stack), PEFT imports it for every LoRA target only to ask whether the layer is one of gptqmodel's
-    (`peft.tuners.lora.awq.dispatch_awq`); ours never is. The import takes ~4 s, prints gptqmodel's banner and sets
-    PYTORCH_ALLOC_CONF (garbage_collection_threshold:0.7, max_split_size_mb:256) and CUDA_DEVICE_ORDER for the
-    process's children (this process's CUDA allocator has started by then and keeps its settings: checked on an
-    H200). While hidden, `import gptqmodel` fails and PEFT's check answers no (its cached answer is cleared after, so later PEFT calls see gptqmodel again); a process that imported
-    gptqmodel already keeps it."""
+    """Wrap GPTQ layers with LoRA without importing gptqmodel. Where gptqmodel is installed (the `quantize` extra,
+    or beside the peer stack), PEFT imports it for every LoRA target only to ask whether the layer is one of
+    gptqmodel's (`peft.tuners.lora.awq.dispatch_awq`); ours never is. The import takes ~4 s, prints gptqmodel's
+    banner and sets PYTORCH_ALLOC_CONF (garbage_collection_threshold:0.7, max_split_size_mb:256) and
+    CUDA_DEVICE_ORDER for the process's children (this process's CUDA allocator has started by then and keeps its
+    settings: checked on an H200). While hidden, `import gptqmodel` fails and PEFT's check answers no (its cached
+    answer is cleared after, so later PEFT calls see gptqmodel again); a process that imported gptqmodel already
+    keeps it."""
     if "gptqmodel" in sys.modules:
         yield
         return
