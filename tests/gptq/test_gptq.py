@@ -3,7 +3,7 @@
 - dequantised weights equal gptqmodel's exactly, every module of every fixture;
 - `load_model` logits equal transformers + optimum + gptqmodel's within fp32 rounding;
 - GPTQLinear's input gradient equals autograd through the dense weight, and it saves nothing for backward;
-- PEFT wraps GPTQLinear with LoRA without importing gptqmodel (which rewrites the CUDA allocator's settings);
+- PEFT wraps GPTQLinear with LoRA without importing gptqmodel (~4 s, and it sets PYTORCH_ALLOC_CONF);
 - SmolLM2 stays a working model after quantisation (perplexity on real PubMedQA abstracts);
 - every malformed checkpoint or quantisation request fails with its one-line message, before heavy work.
 """
