@@ -74,6 +74,23 @@ def one_process_notice(num_processes: int) -> str | None:
             "H200): on one GPU launch with accelerate_config.yaml; to shard, set num_processes to the GPUs")
 
 
+def check_all_gather(choice: str) -> None:
+    """gpu.all_gather=copy_engine needs GPUs that read each other's memory: CUDA GPUs of one machine."""
+    if choice != "copy_engine":
+        return
+    state = PartialState()
+    if state.device.type != "cuda":
+        raise RecipeError("gpu.all_gather=copy_engine needs CUDA GPUs; use gpu.all_gather=nccl")
+    machines = state.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    if machines > 1:
+        raise RecipeError(f"gpu.all_gather=copy_engine gathers between GPUs of one machine and this launch spans "
+                          f"{machines}; use gpu.all_gather=nccl")
+    devices = range(torch.cuda.device_count())
+    if not all(torch.cuda.can_device_access_peer(a, b) for a in devices for b in devices if a != b):
+        raise RecipeError("gpu.all_gather=copy_engine needs GPUs that read each other's memory (NVLink or PCIe "
+                          "peer access), which these cannot; use gpu.all_gather=nccl")
+
+
 def apply_memory_cap(cap_gib: float | None) -> None:
     """Hold this process to the cap: the CUDA allocator raises out-of-memory rather than pass it."""
     if cap_gib is not None and torch.cuda.is_available():

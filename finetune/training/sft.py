@@ -190,6 +190,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     plugin = fsdp.fsdp_plugin()
     if plugin is not None:
         fsdp.check_fsdp_setup(plugin)
+        fsdp.check_all_gather(cfg.gpu.all_gather)
         if notice := fsdp.one_process_notice(PartialState().num_processes):
             PartialState().print(notice)
     check_scheduler(sft_config(cfg, Path(tempfile.gettempdir())))  # bad train.* fail now, not after loading 70B
@@ -249,15 +250,24 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     with peft_without_gptqmodel():  # SFTTrainer wraps the model with LoRA
         trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.dataset, processing_class=tokenizer,
                              peft_config=lora_config(cfg, model, added_ids), callbacks=list(callbacks))
+    budget_gib = cfg.gpu.memory_budget_gib
     if prepared.fsdp is not None:  # sharded now, each rank reading its own rows; accelerate's prepare keeps it so
-        fsdp.apply_memory_cap(cfg.gpu.memory_budget_gib)
+        fsdp.apply_memory_cap(budget_gib)
         fsdp.shard_model(trainer.accelerator, trainer.model)
         fsdp.gather_head_with_backbone(trainer.model)
         fsdp.prefetch_next_layer(trainer.model)
+        if cfg.gpu.all_gather == "copy_engine":
+            from ..gpu.copy_engine_gather import gather_with_copy_engines
+            workspace_gib = gather_with_copy_engines(trainer.model) / 1024 ** 3
+            trainer.accelerator.print(f"sharded: decoder layers gathered by the GPUs' copy engines (a workspace of "
+                                      f"{workspace_gib:.2f} GiB per GPU, inside gpu.memory_budget_gib)")
+            if budget_gib is not None:  # the workspace is outside the caching allocator, so outside its cap
+                budget_gib -= workspace_gib
+                fsdp.apply_memory_cap(budget_gib)
     if fast_path_runs(cfg):
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
-                                    memory_budget_gib=cfg.gpu.memory_budget_gib,
+                                    memory_budget_gib=budget_gib,
                                     host_memory_gib=cfg.gpu.host_memory_gib,
                                     packed=cfg.train.get("packing", False))
         trainer.accelerator.print(f"fast GPU path: {plan}")

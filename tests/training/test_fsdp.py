@@ -140,6 +140,20 @@ def test_bad_fsdp_setups_fail_before_loading(checkpoint, tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("choice, message", [
+    ("copy_engines", r"^gpu.all_gather='copy_engines' should be nccl or copy_engine$"),
+    ("copy_engine", r"^gpu.all_gather=copy_engine needs CUDA GPUs; use gpu.all_gather=nccl$"),
+])
+def test_an_all_gather_that_cannot_run_fails_before_loading(checkpoint, tmp_path, monkeypatch, choice, message):
+    for key, value in FSDP2.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={tmp_path}/run",
+                                   f"gpu.all_gather={choice}"])
+    with pytest.raises(RecipeError, match=message):
+        sft.prepare(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_sharded_launch_of_one_process_is_told_it_shards_nothing(checkpoint, tmp_path, monkeypatch, capsys):
     for key, value in FSDP2.items():
         monkeypatch.setenv(key, value)
