@@ -243,3 +243,36 @@ def test_fsdp2_swaps_the_packed_tensors_on_its_fast_path(checkpoint):
     assert torch.equal(layer.scales, torch.ones_like(layer.scales))
     with pytest.raises(ValueError, match="bias is not a GPTQ packed tensor"):
         layer.set_packed(bias=torch.zeros(3))
+
+
+COPY_ENGINE_WORKER = """
+import os, sys
+import torch, torch.distributed as dist
+from finetune.gpu.copy_engine_gather import CopyEngineAllGather
+rank = int(os.environ["LOCAL_RANK"])
+torch.cuda.set_device(rank)
+dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+gather, equal = CopyEngineAllGather(), []
+for numel, dtype in [(1000, torch.bfloat16), (3_000_001, torch.uint8), (1000, torch.float32)]:  # the workspace grows
+    out = gather.allocate((2 * numel,), dtype=dtype, device=torch.device("cuda", rank))
+    shard = out[rank * numel:(rank + 1) * numel]  # in place, as FSDP2 copies a rank's shards in
+    shard.copy_(torch.randn(numel, generator=torch.Generator().manual_seed(rank)).mul(100).to(dtype))
+    reference = torch.empty_like(out)
+    dist.all_gather_into_tensor(reference, shard)
+    gather(out, shard, dist.group.WORLD)
+    equal.append(torch.equal(out, reference))
+print("RESULT", rank, equal)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the copy engines gather between two CUDA GPUs")
+def test_copy_engine_all_gather_equals_nccls(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(COPY_ENGINE_WORKER)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(worker)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+                            env=os.environ | {"PYTHONPATH": pythonpath_with(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = sorted(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    assert results == ["RESULT 0 [True, True, True]", "RESULT 1 [True, True, True]"]
