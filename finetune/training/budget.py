@@ -38,7 +38,10 @@ def check_sharded_memory(cfg: DictConfig, source, gpus: int, fast_path: bool) ->
         return
     info = describe_checkpoint(str(source), cfg.model.revision, cfg.train.max_length, cfg.lora.r, gpus=gpus,
                                lora_targets=tuple(cfg.lora.target_modules))
-    check_memory_cap(info.memory_gib["total"], cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
+    per_gpu_gib = info.memory_gib["total"]
+    if cfg.gpu.all_gather == "copy_engine":  # its workspace: one decoder layer's shard, outside the allocator
+        per_gpu_gib += info.memory_gib["quantised weights"] / info.shape.layers
+    check_memory_cap(per_gpu_gib, cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
 
 
 def check_one_gpu_memory(cfg: DictConfig, source) -> None:
