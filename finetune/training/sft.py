@@ -259,11 +259,12 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         if cfg.gpu.all_gather == "copy_engine":
             from ..gpu.copy_engine_gather import gather_with_copy_engines
             workspace_gib = gather_with_copy_engines(trainer.model) / 1024 ** 3
-            trainer.accelerator.print(f"sharded: decoder layers gathered by the GPUs' copy engines (a workspace of "
-                                      f"{workspace_gib:.2f} GiB per GPU, inside gpu.memory_budget_gib)")
             if budget_gib is not None:  # the workspace is outside the caching allocator, so outside its cap
                 budget_gib -= workspace_gib
                 fsdp.apply_memory_cap(budget_gib)
+            trainer.accelerator.print(
+                f"sharded: decoder layers gathered by the GPUs' copy engines (a workspace of {workspace_gib:.2f} GiB "
+                f"per GPU{', taken off gpu.memory_budget_gib' if budget_gib is not None else ''})")
     if fast_path_runs(cfg):
         from ..gpu.fast_training import enable_fast_training
         plan = enable_fast_training(trainer.model, seq_len=cfg.train.max_length, fused_loss=False,
