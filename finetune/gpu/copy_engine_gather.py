@@ -35,15 +35,12 @@ class CopyEngineAllGather(AllGather):
         workspace.barrier()  # every rank has read the workspace: the next gather may overwrite it
 
 
-def gather_with_copy_engines(model: torch.nn.Module) -> int:
-    """Give every decoder layer's FSDP2 unit the copy-engine all-gather and size the symmetric workspace for the
-    largest layer shard now (GPU memory outside the caching allocator, so outside any per-process cap: the bytes
-    are returned for the caller to count). The root unit (embeddings, output layer) keeps NCCL's: gathered once a
-    step, and its shard would make the workspace ~2.5x larger at 70B."""
+def gather_with_copy_engines(layers: list) -> int:
+    """Give every decoder layer's FSDP2 unit (`layers`: `FSDPModule`s) the copy-engine all-gather and size the
+    symmetric workspace for the largest layer shard now (GPU memory outside the caching allocator, so outside any
+    per-process cap: the bytes are returned for the caller to count). The root unit (embeddings, output layer) keeps
+    NCCL's: gathered once a step, and its shard would make the workspace ~2.5x larger at 70B."""
     from torch.distributed._symmetric_memory import get_symm_mem_workspace
-    from torch.distributed.fsdp import FSDPModule
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and isinstance(m, FSDPModule)]
     if not layers:
         return 0
     # FSDP2 gathers a unit's shards as one flat tensor, each padded to whole rows: a little over their sum

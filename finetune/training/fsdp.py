@@ -213,11 +213,16 @@ def prefetch_next_layer(model: torch.nn.Module) -> None:
     GPU (the sharded fast path's step is bound by the host: eval/BENCHMARKS.md, twelfth session) the GPU waits for
     every decoder layer's gather in the forward. Each decoder layer's forward now starts the next one's gather (the
     backward already gathers the layer below ahead); the fast path's plan counts that layer (`gathered` twice)."""
-    from torch.distributed.fsdp import FSDPModule
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and isinstance(m, FSDPModule)]
-    for layer, following in itertools.pairwise(layers):
+    for layer, following in itertools.pairwise(sharded_decoder_layers(model)):
         layer.set_modules_to_forward_prefetch([following])
+
+
+def sharded_decoder_layers(model: torch.nn.Module) -> list:
+    """The decoder layers, each its own FSDP2 unit (`FSDPModule`) once `shard_model` has run."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from ..gpu.fast_training import decoder_layers
+    return [layer for layer in decoder_layers(model) if isinstance(layer, FSDPModule)]
 
 
 def load_sharded_adapter(trainer, checkpoint) -> None:
