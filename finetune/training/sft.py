@@ -277,10 +277,14 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
                 f"{n} LoRA modules keep PEFT's slower forward: {why}" for why, n in plan["peft_lora_modules"].items()))
         if "host_memory_gib_to_recompute_fewer" in plan:  # also in metrics.json's fast_path
             gib, fewer = plan["host_memory_gib_to_recompute_fewer"]
+            # one GPU: a recomputed layer costs its forward again; sharded over two H200s, 30 host layers (33
+            # recomputed) trained faster than 61 (none): eval/BENCHMARKS.md, sixteenth session
+            speed = (" (but sharded, fewer host layers measured faster: eval/BENCHMARKS.md)" if prepared.fsdp is not None
+                     else ", faster, if this machine can pin it")
             trainer.accelerator.print(
                 f"fast GPU path: {plan['recompute']} layers recompute because pinned host memory holds "
                 f"{plan['host']} layers' activations ({plan['host_gib']} GiB); gpu.host_memory_gib={gib} (per process) "
-                f"would recompute {fewer}, faster, if this machine can pin it")
+                f"would recompute {fewer}{speed}")
     skip_unchanged_mode_switch(trainer.model)
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):
