@@ -30,7 +30,7 @@ from ..gptq.memory import FAST_PATH_HEADROOM_BYTES, GIB
 from .fast_lora import speed_up_lora
 from .host_offload import OFFLOAD_MIN_BYTES, HostOffload, copy_key, default_host_memory
 from .norm_recompute import NormRecompute
-from .recompute_plan import RecomputePlan, host_memory_to_recompute_fewer, plan_for_budget
+from .recompute_plan import RecomputePlan, host_memory_to_recompute_fewer, host_share_for, plan_for_budget
 
 MEASURE_TOKENS = 2048  # activations grow linearly with tokens: measure one layer at this length and scale
 
@@ -86,8 +86,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     scale = seq_len / min(seq_len, MEASURE_TOKENS)
     sizes = [round(b * scale) for b in (cost.input_bytes, cost.saved_bytes, cost.backward_bytes)]
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
-    # the share of layers whose activations the link moves in the time the GPU runs them forward
-    host_share = min(1.0, cost.forward_s * scale * host_link_bytes_per_s(device) / sizes[1]) if host_bytes > 0 else 0.0
+    link = host_link_bytes_per_s(device) if host_bytes > 0 else 0.0  # measuring it pins 64 MiB
+    host_share = host_share_for(cost.forward_s * scale, link, sizes[1], host_bytes=host_bytes, sharded=bool(gathered))
     # what the host buffers of a plan take at the longest row: pinned for it now, not during step 1, so that every
     # shorter row reuses them
     offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]

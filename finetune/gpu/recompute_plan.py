@@ -33,6 +33,24 @@ class RecomputePlan:
         return "keep" if from_top - hosts_above < self.keep else "recompute"
 
 
+# Sharded runs keep at most this share of their layers on the host. On 2 x H200 under a 40 GiB cap, 30 of 80 host
+# layers (33 recomputed) trained 15 % faster than 61 (none recomputed) in one call, while on one GPU more host layers
+# cost nothing (eval/BENCHMARKS.md, fourteenth and sixteenth sessions): a rank whose backward waits for a host
+# layer's copy stalls the other at the next all-gather. Only this share and 61/80 were measured sharded.
+SHARDED_HOST_SHARE = 3 / 8
+
+
+def host_share_for(forward_s: float, link_bytes_per_s: float, saved_bytes: int, *, host_bytes: float,
+                   sharded: bool) -> float:
+    """The share of layers that may keep their activations on the host: those whose `saved_bytes` the link
+    moves while the GPU runs layers forward (`forward_s` each), at most all of them, and when `sharded` at most
+    SHARDED_HOST_SHARE; none without host memory."""
+    if host_bytes <= 0:
+        return 0.0
+    share = min(1.0, forward_s * link_bytes_per_s / saved_bytes)
+    return min(share, SHARDED_HOST_SHARE) if sharded else share
+
+
 class BudgetTooSmall(ValueError):
     def __init__(self, free_bytes_needed: float):
         super().__init__(f"one layer's recompute needs {free_bytes_needed / GIB:.1f} GiB beyond the model")
@@ -83,10 +101,11 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     Per layer: `input_bytes` kept when it recomputes, `saved_bytes` when it does not, and `backward_bytes` of
     working memory while its backward runs. The backward visits the kept (top) layers first, so at any time
     at most one layer's recompute is live: the peak is at the end of the forward plus one backward. Of the layers
-    that do not keep, up to `host_share` of all layers (the link moves one layer's activations in the forward time
-    of 1 / host_share layers, and host layers are spread over the whole model, `RecomputePlan.mode`) keep their
-    activations in `host_bytes` of pinned memory instead of recomputing: such a layer holds nothing on the GPU (its
-    input goes to the host with the rest), but the last one still in flight costs one layer of GPU memory. (Counting
+    that do not keep, up to `host_share` of all layers (`host_share_for`: the link moves one layer's activations in
+    the forward time of 1 / host_share layers; host layers are spread over the whole model, `RecomputePlan.mode`)
+    keep their activations in `host_bytes` of pinned memory instead of recomputing: such a layer holds nothing on
+    the GPU (its input goes to the host with the rest), but the last one still in flight costs one layer of GPU
+    memory. (Counting
     their inputs as well over-planned by one input per host layer: 2.3 GiB for 37 host layers at 4,096 tokens, the
     gap between planned and allocated peaks in the runs of eval/BENCHMARKS.md.)"""
     extra = saved_bytes - input_bytes

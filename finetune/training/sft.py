@@ -277,14 +277,13 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
                 f"{n} LoRA modules keep PEFT's slower forward: {why}" for why, n in plan["peft_lora_modules"].items()))
         if "host_memory_gib_to_recompute_fewer" in plan:  # also in metrics.json's fast_path
             gib, fewer = plan["host_memory_gib_to_recompute_fewer"]
-            # one GPU: a recomputed layer costs its forward again; sharded over two H200s, 30 host layers (33
-            # recomputed) trained faster than 61 (none): eval/BENCHMARKS.md, sixteenth session
-            speed = (" (but sharded, fewer host layers measured faster: eval/BENCHMARKS.md)" if prepared.fsdp is not None
-                     else ", faster, if this machine can pin it")
+            # one GPU: a recomputed layer costs its forward again; sharded, fewer host layers measured faster
+            # (recompute_plan.SHARDED_HOST_SHARE), so no speed is promised there
+            speed = "" if prepared.fsdp is not None else ", faster"
             trainer.accelerator.print(
                 f"fast GPU path: {plan['recompute']} layers recompute because pinned host memory holds "
                 f"{plan['host']} layers' activations ({plan['host_gib']} GiB); gpu.host_memory_gib={gib} (per process) "
-                f"would recompute {fewer}{speed}")
+                f"would recompute {fewer}{speed}, if this machine can pin it")
     skip_unchanged_mode_switch(trainer.model)
     head = trainer.model.get_output_embeddings()
     if isinstance(head, TrainableTokensWrapper):

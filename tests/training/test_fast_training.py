@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from finetune.config.recipe import RecipeError
 from finetune.gptq.format import GPTQConfig
 from finetune.gptq.loader import load_model
+from finetune.gptq.memory import FAST_PATH_HEADROOM_BYTES
 from finetune.gptq.random_checkpoint import write_random_gptq_checkpoint
 from finetune.gpu import fast_training
 from finetune.gpu.fast_lora import draw_seed, lean_qkv, speed_up_lora
@@ -31,9 +32,11 @@ from finetune.gpu.host_offload import (
 )
 from finetune.gpu.norm_recompute import NormRecompute
 from finetune.gpu.recompute_plan import (
+    SHARDED_HOST_SHARE,
     BudgetTooSmall,
     RecomputePlan,
     host_memory_to_recompute_fewer,
+    host_share_for,
     plan_for_budget,
     plan_recompute,
 )
@@ -434,6 +437,32 @@ def test_the_plan_names_the_host_memory_that_would_spare_its_recomputes():
     link = recompute(32, host_share=0.25)[0]  # the link carries 20 layers' activations: more memory changes nothing
     assert link.host == 20 and host_memory_to_recompute_fewer(link, 80, *sizes, **limits | {"host_share": 0.25}) is None
     assert host_memory_to_recompute_fewer(recompute(44)[0], 80, *sizes, **limits) is None
+
+
+def test_sharded_plans_keep_at_most_three_eighths_of_the_layers_on_the_host():
+    """The two plans measured sharded on 2 x H200 under a 40 GiB cap (70B, 4,096 tokens: 20.9 GiB of model on each
+    GPU, 64 MiB input, 734 MiB saved, ~2.1 GiB backward per layer), from the plan's arithmetic: the link share alone
+    kept 61 layers on the host (keep 19, planned 39.3 GiB), measured slower than 30 (keep 17, 33 recomputed, planned
+    39.9), which the sharded share gives with the same host memory and names no more memory to spare recomputes."""
+    sizes = (64 * MIB, 734 * MIB, 2100 * MIB)
+    limits = {"budget_bytes": 40 * GIB, "static_bytes": 20.9 * GIB, "seq_len": 4096}
+    fast_link = {"forward_s": 0.02, "link_bytes_per_s": 55e9, "saved_bytes": 734 * MIB, "host_bytes": 52 * GIB}
+    assert host_share_for(**fast_link, sharded=False) == 1.0
+    assert host_share_for(**fast_link, sharded=True) == SHARDED_HOST_SHARE == 3 / 8
+    assert host_share_for(**fast_link | {"forward_s": 0.002}, sharded=True) == pytest.approx(0.002 * 55e9 / (734 * MIB))
+    assert host_share_for(**fast_link | {"host_bytes": 0}, sharded=True) == 0.0
+
+    def planned(share):
+        plan = plan_for_budget(80, *sizes, host_bytes=52 * GIB, host_share=share, **limits)
+        peak = round((limits["static_bytes"] + FAST_PATH_HEADROOM_BYTES + plan.bytes) / GIB, 1)
+        return (plan.keep, plan.host, 80 - plan.keep - plan.host, peak), plan
+
+    assert planned(1.0)[0] == (19, 61, 0, 39.3)
+    (sharded, plan) = planned(SHARDED_HOST_SHARE)
+    assert sharded == (17, 30, 33, 39.9)
+    assert host_memory_to_recompute_fewer(plan, 80, *sizes, host_share=SHARDED_HOST_SHARE, **limits) is None
+    modes = [plan.mode(i, 80) for i in range(80)]
+    assert all(not (a == b == "host") for a, b in itertools.pairwise(modes))  # each copy beside another's backward
 
 
 def test_what_the_plan_pins_stays_within_its_host_memory():
