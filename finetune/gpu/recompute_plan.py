@@ -105,9 +105,8 @@ def plan_recompute(n_layers: int, input_bytes: int, saved_bytes: int, backward_b
     the forward time of 1 / host_share layers; host layers are spread over the whole model, `RecomputePlan.mode`)
     keep their activations in `host_bytes` of pinned memory instead of recomputing: such a layer holds nothing on
     the GPU (its input goes to the host with the rest), but the last one still in flight costs one layer of GPU
-    memory. (Counting
-    their inputs as well over-planned by one input per host layer: 2.3 GiB for 37 host layers at 4,096 tokens, the
-    gap between planned and allocated peaks in the runs of eval/BENCHMARKS.md.)"""
+    memory. (Counting their inputs as well over-planned by one input per host layer: 2.3 GiB for 37 host layers at
+    4,096 tokens, the gap between planned and allocated peaks in the runs of eval/BENCHMARKS.md.)"""
     extra = saved_bytes - input_bytes
     in_flight = saved_bytes if host_share > 0 and host_bytes >= saved_bytes else 0
     for keep in range(n_layers, -1, -1):  # fewer kept layers, more host ones: the peak only falls

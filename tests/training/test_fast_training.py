@@ -458,7 +458,7 @@ def test_sharded_plans_keep_at_most_three_eighths_of_the_layers_on_the_host():
         return (plan.keep, plan.host, 80 - plan.keep - plan.host, peak), plan
 
     assert planned(1.0)[0] == (19, 61, 0, 39.3)
-    (sharded, plan) = planned(SHARDED_HOST_SHARE)
+    sharded, plan = planned(SHARDED_HOST_SHARE)
     assert sharded == (17, 30, 33, 39.9)
     assert host_memory_to_recompute_fewer(plan, 80, *sizes, host_share=SHARDED_HOST_SHARE, **limits) is None
     modes = [plan.mode(i, 80) for i in range(80)]
