@@ -86,8 +86,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     scale = seq_len / min(seq_len, MEASURE_TOKENS)
     sizes = [round(b * scale) for b in (cost.input_bytes, cost.saved_bytes, cost.backward_bytes)]
     host_bytes = default_host_memory() if host_memory_gib is None else host_memory_gib * GIB
-    link = host_link_bytes_per_s(device) if host_bytes > 0 else 0.0  # measuring it pins 64 MiB
-    host_share = host_share_for(cost.forward_s * scale, link, sizes[1], host_bytes=host_bytes, sharded=bool(gathered))
+    link = host_link_bytes_per_s(device) if host_bytes > 0 else 0.0  # no host memory, no link (measuring pins 64 MiB)
+    host_share = host_share_for(cost.forward_s * scale, link, sizes[1], sharded=bool(gathered))
     # what the host buffers of a plan take at the longest row: pinned for it now, not during step 1, so that every
     # shorter row reuses them
     offloaded = [n for n in (round(b * scale) for b in cost.tensor_bytes) if n >= OFFLOAD_MIN_BYTES]

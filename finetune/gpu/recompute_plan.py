@@ -40,13 +40,10 @@ class RecomputePlan:
 SHARDED_HOST_SHARE = 3 / 8
 
 
-def host_share_for(forward_s: float, link_bytes_per_s: float, saved_bytes: int, *, host_bytes: float,
-                   sharded: bool) -> float:
+def host_share_for(forward_s: float, link_bytes_per_s: float, saved_bytes: int, *, sharded: bool) -> float:
     """The share of layers that may keep their activations on the host: those whose `saved_bytes` the link
     moves while the GPU runs layers forward (`forward_s` each), at most all of them, and when `sharded` at most
-    SHARDED_HOST_SHARE; none without host memory."""
-    if host_bytes <= 0:
-        return 0.0
+    SHARDED_HOST_SHARE; none without a link (no host memory: 0 bytes/s)."""
     share = min(1.0, forward_s * link_bytes_per_s / saved_bytes)
     return min(share, SHARDED_HOST_SHARE) if sharded else share
 

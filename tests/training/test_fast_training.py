@@ -446,11 +446,11 @@ def test_sharded_plans_keep_at_most_three_eighths_of_the_layers_on_the_host():
     39.9), which the sharded share gives with the same host memory and names no more memory to spare recomputes."""
     sizes = (64 * MIB, 734 * MIB, 2100 * MIB)
     limits = {"budget_bytes": 40 * GIB, "static_bytes": 20.9 * GIB, "seq_len": 4096}
-    fast_link = {"forward_s": 0.02, "link_bytes_per_s": 55e9, "saved_bytes": 734 * MIB, "host_bytes": 52 * GIB}
+    fast_link = {"forward_s": 0.02, "link_bytes_per_s": 55e9, "saved_bytes": 734 * MIB}
     assert host_share_for(**fast_link, sharded=False) == 1.0
     assert host_share_for(**fast_link, sharded=True) == SHARDED_HOST_SHARE == 3 / 8
     assert host_share_for(**fast_link | {"forward_s": 0.002}, sharded=True) == pytest.approx(0.002 * 55e9 / (734 * MIB))
-    assert host_share_for(**fast_link | {"host_bytes": 0}, sharded=True) == 0.0
+    assert host_share_for(**fast_link | {"link_bytes_per_s": 0.0}, sharded=True) == 0.0  # no host memory
 
     def planned(share):
         plan = plan_for_budget(80, *sizes, host_bytes=52 * GIB, host_share=share, **limits)
