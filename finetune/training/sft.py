@@ -48,6 +48,7 @@ from ..data.registry import load_benchmark, resolve_options
 from ..evaluation.benchmarks import eval_batch_size
 from ..gptq.format import read_gptq_config
 from ..gptq.loader import resolve_source, tensor_shapes, weight_files
+from ..gptq.memory import GIB
 from ..models.adapter import peft_without_gptqmodel
 from ..models.source import model_source
 from . import budget, fsdp
@@ -258,7 +259,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
         fsdp.prefetch_next_layer(trainer.model)
         if cfg.gpu.all_gather == "copy_engine":
             from ..gpu.copy_engine_gather import gather_with_copy_engines
-            workspace_gib = gather_with_copy_engines(fsdp.sharded_decoder_layers(trainer.model)) / 1024 ** 3
+            workspace_gib = gather_with_copy_engines(fsdp.sharded_decoder_layers(trainer.model)) / GIB
             if budget_gib is not None:  # the workspace is outside the caching allocator, so outside its cap
                 budget_gib -= workspace_gib
                 fsdp.apply_memory_cap(budget_gib)
