@@ -33,10 +33,11 @@ class RecomputePlan:
         return "keep" if from_top - hosts_above < self.keep else "recompute"
 
 
-# Sharded runs keep at most this share of their layers on the host. On 2 x H200 under a 40 GiB cap, 30 of 80 host
-# layers (33 recomputed) trained 15 % faster than 61 (none recomputed) in one call, while on one GPU more host layers
-# cost nothing (eval/BENCHMARKS.md, fourteenth and sixteenth sessions): a rank whose backward waits for a host
-# layer's copy stalls the other at the next all-gather. Only this share and 61/80 were measured sharded.
+# Sharded runs keep at most this share of their layers on the host. On 2 x H200 under a 40 GiB cap, of 0, 15, 30, 40
+# and 61 host layers out of 80 (the rest recomputed, but for ~17 kept) 30 trained fastest: 3-5 % shorter steps than
+# 15 or 40, 15 % shorter than 61, while on one GPU more host layers cost nothing (eval/BENCHMARKS.md, fourteenth,
+# sixteenth and seventeenth sessions): a rank whose backward waits for a host layer's copy stalls the other at the
+# next all-gather, and a recomputed layer costs its forward again.
 SHARDED_HOST_SHARE = 3 / 8
 
 
