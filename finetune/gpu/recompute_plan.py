@@ -36,8 +36,9 @@ class RecomputePlan:
 # Sharded runs keep at most this share of their layers on the host. On 2 x H200 under a 40 GiB cap, of 0, 15, 30, 40
 # and 61 host layers out of 80 (the rest recomputed, but for ~17 kept) 30 trained fastest: ~5 % shorter steps than
 # 15 or 40, 8 % than 0, 15 % than 61 (0 and 15 measured in another call than 30, whose steps varied 2 % over three),
-# while on one GPU more host layers cost nothing (eval/BENCHMARKS.md, fourteenth, sixteenth and seventeenth sessions): a rank whose backward waits for a host layer's copy stalls the other at the
-# next all-gather, and a recomputed layer costs its forward again.
+# while on one GPU more host layers cost nothing (eval/BENCHMARKS.md, fourteenth, sixteenth and seventeenth
+# sessions): a rank whose backward waits for a host layer's copy stalls the other at the next all-gather, and a
+# recomputed layer costs its forward again.
 SHARDED_HOST_SHARE = 3 / 8
 
 
