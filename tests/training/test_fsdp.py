@@ -40,8 +40,8 @@ def checkpoint(tmp_path_factory):
 
 def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
     """One step of the same batch (split between the ranks) sharded and not, with PEFT's LoRA forward and with the
-    fast path's lean one (one layer kept without its norm outputs, the others recomputed); then train.py's own run sharded, cut and resumed (same processes: the imports and the
-    process group paid once)."""
+    fast path's lean one (one layer kept without its norm outputs, the others recomputed); then train.py's own run
+    sharded, cut and resumed (same processes: the imports and the process group paid once)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
