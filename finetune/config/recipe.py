@@ -214,8 +214,6 @@ def check_gpu_settings(cfg: DictConfig, on_gpu: bool) -> None:
         value = cfg.gpu[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise RecipeError(f"gpu.{key}={value!r} should be a number of GiB >= 0, or null for the default")
-    if not isinstance(cfg.gpu.shard_adapters, bool):
-        raise RecipeError(f"gpu.shard_adapters={cfg.gpu.shard_adapters!r} should be true or false")
     if cfg.gpu.all_gather not in ("nccl", "copy_engine"):
         raise RecipeError(f"gpu.all_gather={cfg.gpu.all_gather!r} should be nccl or copy_engine")
     if on_gpu and cfg.gpu.fast_path and importlib.util.find_spec("liger_kernel") is None:

@@ -211,6 +211,23 @@ def test_the_copy_engines_workspace_counts_against_the_cap(checkpoint, tmp_path)
                              fast_path=False)
 
 
+def test_replicated_adapters_count_whole_against_the_cap(checkpoint, tmp_path):
+    """gpu.shard_adapters=false keeps the adapters and their AdamW state whole on every GPU: a cap that fits the
+    sharded plan by less than the other GPU's share of them fits it with sharded adapters only."""
+    from finetune.gptq.checkpoint_info import describe_checkpoint
+    from finetune.training.budget import check_sharded_memory
+    lora = compose_recipe("smoke").lora
+    memory = describe_checkpoint(str(checkpoint), seq_len=512, lora_r=lora.r, gpus=2,
+                                 lora_targets=tuple(lora.target_modules)).memory_gib
+    cap = memory["total"] + memory["LoRA + AdamW"] / 2
+    overrides = [f"model.name={checkpoint}", f"output_dir={tmp_path}/run", "train.max_length=512",
+                 f"gpu.memory_budget_gib={cap}"]
+    check_sharded_memory(compose_recipe("smoke", overrides), checkpoint, gpus=2, fast_path=False)
+    with pytest.raises(RecipeError, match=rf"^gpu.memory_budget_gib={cap} is below"):
+        check_sharded_memory(compose_recipe("smoke", [*overrides, "gpu.shard_adapters=false"]), checkpoint, gpus=2,
+                             fast_path=False)
+
+
 def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
     """describe.py --gpus 2: per GPU, half the weights and LoRA state, plus the two layers and the output layer
     gathered whole."""
