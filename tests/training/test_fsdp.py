@@ -42,8 +42,9 @@ def checkpoint(tmp_path_factory):
 def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapters):
     """One step of the same batch (split between the ranks) sharded and not, with PEFT's LoRA forward and with the
     fast path's lean one (one layer kept without its norm outputs, the others recomputed); then train.py's own run
-    sharded, cut and resumed (same processes: the imports and the process group paid once). With `gpu.shard_adapters=false` the adapters are whole on each rank, outside the
-    units, their gradients all-reduced: the same results."""
+    sharded, cut and resumed (same processes: the imports and the process group paid once). With
+    `gpu.shard_adapters=false` the adapters are whole on each rank, outside the units, their gradients all-reduced:
+    the same results."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
