@@ -22,6 +22,7 @@ mixed-precision policy that keeps the weights in their stored dtypes.
 
 import itertools
 import os
+import re
 
 import torch
 from accelerate import PartialState
@@ -151,23 +152,29 @@ def shard_model(accelerator, model: torch.nn.Module, *, shard_adapters: bool = T
 
 class ReplicatedAdapters:
     """`gpu.shard_adapters=false`: every trainable parameter (LoRA, added-token rows) stays whole on every rank,
-    outside the FSDP units (accelerate's `ignored_modules`), and its gradient is averaged over the ranks by one
-    all-reduce as it is accumulated, as data parallel does; the units then gather and free only the frozen GPTQ
-    weights and reduce-scatter nothing. FSDP2's per-unit work grows with the parameters in the unit, the trainable
-    ones most (their gradients' copy-in, reduce-scatter and copy-out): on the CPU with gloo, 80 units of 28 frozen
-    and 14 trainable tensors cost 8.6 ms a unit a step with the adapters inside, 4.9 ms outside
-    (eval/BENCHMARKS.md, seventeenth session). Costs each GPU the adapters' optimiser state whole."""
+    outside the FSDP units (accelerate's `ignored_modules`), and its gradient is averaged over the ranks as it is
+    accumulated, one all-reduce per decoder layer's adapters (per other module's), as data parallel buckets them; the
+    units then gather and free only the frozen GPTQ weights and reduce-scatter nothing. FSDP2's per-unit work grows
+    with the parameters in the unit, the trainable ones most (their gradients' copy-in, reduce-scatter and copy-out):
+    on the CPU with gloo, 80 units of 28 frozen and 14 trainable tensors cost 8.6 ms a unit a step with the adapters
+    inside, 4.9 ms outside (eval/BENCHMARKS.md, seventeenth session). Costs each GPU the adapters' optimiser state
+    whole."""
 
     def __init__(self, model: torch.nn.Module):
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        owners = {name.rsplit(".", 1)[0] for name in trainable}
-        self.owners = [model.get_submodule(name) for name in sorted(owners)]
-        for name, owner in zip(sorted(owners), self.owners):
+        owners = sorted({name.rsplit(".", 1)[0] for name in trainable})
+        self.owners = [model.get_submodule(name) for name in owners]
+        buckets = {}
+        for name, owner in zip(owners, self.owners):
             frozen = [n for n, p in owner.named_parameters() if not p.requires_grad]
             if frozen:
                 raise RuntimeError(f"{name} holds trainable and frozen parameters ({frozen[0]}); "
                                    "gpu.shard_adapters=false can only leave whole modules out of the FSDP units")
-        self.params = [p for owner in self.owners for p in owner.parameters()]
+            layer = re.search(r"\.layers\.\d+\.", name)
+            buckets.setdefault(layer.group() if layer else name, []).extend(owner.parameters())
+        self.buckets = list(buckets.values())
+        self.bucket_of = {p: bucket for bucket in self.buckets for p in bucket}
+        self.ready = {id(bucket): 0 for bucket in self.buckets}
         self.pending = []
 
     def start(self, device: torch.device) -> None:
@@ -175,24 +182,37 @@ class ReplicatedAdapters:
         once every average is in."""
         for owner in self.owners:
             owner.to(device)
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._reduce)
+        for p in self.bucket_of:
+            p.register_post_accumulate_grad_hook(self._accumulated)
 
-    def _reduce(self, param: torch.nn.Parameter) -> None:
+    def _accumulated(self, param: torch.nn.Parameter) -> None:
         import torch.distributed as dist
         from torch.autograd import Variable
+        bucket = self.bucket_of[param]
+        self.ready[id(bucket)] += 1
+        if self.ready[id(bucket)] < len(bucket):
+            return
+        self.ready[id(bucket)] = 0
         if not self.pending:
             Variable._execution_engine.queue_callback(self._finish)
         # a sum, then divided: gloo has no average. Accumulated gradients stay right: what the ranks averaged
         # before is equal on all of them
-        self.pending.append((param.grad, dist.all_reduce(param.grad, async_op=True)))
+        flat = torch.cat([p.grad.flatten() for p in bucket])
+        self.pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
 
     def _finish(self) -> None:
         import torch.distributed as dist
+        if any(self.ready.values()):  # the ranks would wait on each other's missing all-reduce: say which
+            raise RuntimeError(f"{sum(map(bool, self.ready.values()))} decoder layers' adapters got gradients for "
+                               "only some of their parameters in this backward, which gpu.shard_adapters=false cannot "
+                               "average; set gpu.shard_adapters=true")
         world = dist.get_world_size()
-        for grad, work in self.pending:
+        for bucket, flat, work in self.pending:
             work.wait()
-            grad.div_(world)
+            flat.div_(world)
+            grads = [p.grad for p in bucket]
+            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
+                                                                           grads)])
         self.pending.clear()
 
 
