@@ -41,6 +41,8 @@ def check_sharded_memory(cfg: DictConfig, source, gpus: int, fast_path: bool) ->
     per_gpu_gib = info.memory_gib["total"]
     if cfg.gpu.all_gather == "copy_engine":  # its workspace: one decoder layer's shard, outside the allocator
         per_gpu_gib += info.memory_gib["quantised weights"] / info.shape.layers
+    if not cfg.gpu.shard_adapters:  # the adapters and their AdamW state whole on every GPU, not its share
+        per_gpu_gib += info.memory_gib["LoRA + AdamW"] * (gpus - 1)
     check_memory_cap(per_gpu_gib, cfg.gpu.memory_budget_gib, gpus, cfg.train.max_length, fast_path)
 
 

@@ -254,7 +254,7 @@ def build_trainer(prepared: Prepared, output_dir: Path, callbacks=()) -> SFTTrai
     budget_gib = cfg.gpu.memory_budget_gib
     if prepared.fsdp is not None:  # sharded now, each rank reading its own rows; accelerate's prepare keeps it so
         fsdp.apply_memory_cap(budget_gib)
-        fsdp.shard_model(trainer.accelerator, trainer.model)
+        fsdp.shard_model(trainer.accelerator, trainer.model, shard_adapters=cfg.gpu.shard_adapters)
         fsdp.gather_head_with_backbone(trainer.model)
         fsdp.prefetch_next_layer(trainer.model)
         if cfg.gpu.all_gather == "copy_engine":

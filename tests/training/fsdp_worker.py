@@ -2,6 +2,7 @@
 
     python tests/training/fsdp_worker.py CHECKPOINT OUT                                  # one process, no FSDP
     python -m torch.distributed.run --nproc-per-node 2 tests/training/fsdp_worker.py CHECKPOINT OUT --fsdp [--resume]
+        [--replicated-adapters]
 
 With --fsdp the model is loaded without its GPTQ packed tensors and sharded as train.py shards it under
 accelerate_fsdp.yaml (`fsdp.shard_model`: accelerate's own FSDP2 preparation, then each rank reads its rows of the
@@ -64,11 +65,14 @@ def lora_model(checkpoint: str, sharded: bool) -> torch.nn.Module:
     return model.train()
 
 
+REPLICATED = "--replicated-adapters" in sys.argv[3:]  # gpu.shard_adapters=false: LoRA whole on each rank
+
+
 def shard(accelerator: Accelerator, model: torch.nn.Module) -> int:
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="SHARDED_STATE_DICT")
-    read = shard_model(accelerator, model)
+    read = shard_model(accelerator, model, shard_adapters=not REPLICATED)
     prefetch_next_layer(model)  # as train.py shards
     return read
 
@@ -134,8 +138,10 @@ def lean_step(checkpoint: str, out: str, sharded: bool) -> None:
     loss.backward()
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean") if sharded else loss.detach()
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # a DTensor's numel is the whole one
+    adapter_bytes = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
     torch.save({"loss": mean_loss.item(), "grads": gathered_grads(model), "gathered_bytes": gathered_layer_bytes(layer),
-                "layer_bytes": layer_bytes}, Path(out) / f"results-lean-{accelerator.process_index}.pt")
+                "layer_bytes": layer_bytes, "adapter_bytes": adapter_bytes},
+               Path(out) / f"results-lean-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
 
 
@@ -162,7 +168,8 @@ def train_and_resume(checkpoint: str, out: str) -> None:
     def run(name: str, *overrides: str):
         sft.train(compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={out}/{name}", "train.max_steps=2",
                                            "train.save_steps=1", "train.max_length=256", "train.learning_rate=1e-2",
-                                           "lora.dropout=0.1", "train.activation_checkpointing=true", *overrides]))
+                                           "lora.dropout=0.1", "train.activation_checkpointing=true",
+                                           f"gpu.shard_adapters={str(not REPLICATED).lower()}", *overrides]))
 
     def on_main_process(work):
         state = PartialState()

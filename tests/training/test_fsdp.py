@@ -38,17 +38,21 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
+@pytest.mark.parametrize("adapters", ["sharded", "replicated"])
+def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapters):
     """One step of the same batch (split between the ranks) sharded and not, with PEFT's LoRA forward and with the
     fast path's lean one (one layer kept without its norm outputs, the others recomputed); then train.py's own run
-    sharded, cut and resumed (same processes: the imports and the process group paid once)."""
+    sharded, cut and resumed (same processes: the imports and the process group paid once). With
+    `gpu.shard_adapters=false` the adapters are whole on each rank, outside the units, their gradients all-reduced:
+    the same results."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(one)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-port", "29571", str(WORKER), str(checkpoint), str(two), "--fsdp", "--resume"],
+                              "--master-port", "29571", str(WORKER), str(checkpoint), str(two), "--fsdp", "--resume",
+                              *(["--replicated-adapters"] if adapters == "replicated" else [])],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     for run in runs:
         output = run.communicate(timeout=300)[0]
@@ -64,9 +68,11 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path):
                                                                       for r in (0, 1)]
     assert lean_ranks[0]["loss"] == pytest.approx(lean_single["loss"], rel=1e-6)
     assert lean_single["loss"] == pytest.approx(single["loss"], rel=1e-5)  # the lean forward is PEFT's LoRA
-    # what the fast path's plan adds per gathered layer: the layer whole when sharded, nothing on one process
+    # what the fast path's plan adds per gathered layer: the layer whole when sharded (its adapters are whole on each
+    # rank already when replicated), nothing on one process
     assert lean_single["gathered_bytes"] == 0
-    assert [rank["gathered_bytes"] for rank in lean_ranks] == [lean_single["layer_bytes"]] * 2
+    gathered = lean_single["layer_bytes"] - (lean_single["adapter_bytes"] if adapters == "replicated" else 0)
+    assert [rank["gathered_bytes"] for rank in lean_ranks] == [gathered] * 2 and 0 < gathered
     for rank in lean_ranks:
         assert rank["grads"].keys() == single["grads"].keys()
         for name, grad in lean_single["grads"].items():
@@ -203,6 +209,23 @@ def test_the_copy_engines_workspace_counts_against_the_cap(checkpoint, tmp_path)
     check_sharded_memory(compose_recipe("smoke", overrides), checkpoint, gpus=2, fast_path=False)
     with pytest.raises(RecipeError, match=rf"^gpu.memory_budget_gib={cap} is below"):
         check_sharded_memory(compose_recipe("smoke", [*overrides, "gpu.all_gather=copy_engine"]), checkpoint, gpus=2,
+                             fast_path=False)
+
+
+def test_replicated_adapters_count_whole_against_the_cap(checkpoint, tmp_path):
+    """gpu.shard_adapters=false keeps the adapters and their AdamW state whole on every GPU: a cap that fits the
+    sharded plan by less than the other GPU's share of them fits it with sharded adapters only."""
+    from finetune.gptq.checkpoint_info import describe_checkpoint
+    from finetune.training.budget import check_sharded_memory
+    lora = compose_recipe("smoke").lora
+    memory = describe_checkpoint(str(checkpoint), seq_len=512, lora_r=lora.r, gpus=2,
+                                 lora_targets=tuple(lora.target_modules)).memory_gib
+    cap = memory["total"] + memory["LoRA + AdamW"] / 2
+    overrides = [f"model.name={checkpoint}", f"output_dir={tmp_path}/run", "train.max_length=512",
+                 f"gpu.memory_budget_gib={cap}"]
+    check_sharded_memory(compose_recipe("smoke", overrides), checkpoint, gpus=2, fast_path=False)
+    with pytest.raises(RecipeError, match=rf"^gpu.memory_budget_gib={cap} is below"):
+        check_sharded_memory(compose_recipe("smoke", [*overrides, "gpu.shard_adapters=false"]), checkpoint, gpus=2,
                              fast_path=False)
 
 
