@@ -176,6 +176,7 @@ class ReplicatedAdapters:
         self.bucket_of = {p: bucket for bucket in self.buckets for p in bucket}
         self.ready = {id(bucket): 0 for bucket in self.buckets}
         self.pending = []
+        self.queued = False  # _finish queued to run at the end of this backward
 
     def start(self, device: torch.device) -> None:
         """On `device`, every gradient averaged over the ranks as autograd accumulates it; the backward ends
@@ -188,13 +189,14 @@ class ReplicatedAdapters:
     def _accumulated(self, param: torch.nn.Parameter) -> None:
         import torch.distributed as dist
         from torch.autograd import Variable
+        if not self.queued:  # at the first gradient, so that a backward completing no bucket is caught too
+            Variable._execution_engine.queue_callback(self._finish)
+            self.queued = True
         bucket = self.bucket_of[param]
         self.ready[id(bucket)] += 1
         if self.ready[id(bucket)] < len(bucket):
             return
         self.ready[id(bucket)] = 0
-        if not self.pending:
-            Variable._execution_engine.queue_callback(self._finish)
         # a sum, then divided: gloo has no average. Accumulated gradients stay right: what the ranks averaged
         # before is equal on all of them
         flat = torch.cat([p.grad.flatten() for p in bucket])
@@ -202,10 +204,12 @@ class ReplicatedAdapters:
 
     def _finish(self) -> None:
         import torch.distributed as dist
-        if any(self.ready.values()):  # the ranks would wait on each other's missing all-reduce: say which
-            raise RuntimeError(f"{sum(map(bool, self.ready.values()))} decoder layers' adapters got gradients for "
-                               "only some of their parameters in this backward, which gpu.shard_adapters=false cannot "
-                               "average; set gpu.shard_adapters=true")
+        self.queued = False
+        partial = sum(map(bool, self.ready.values()))
+        if partial:  # their all-reduce was never issued: the ranks would wait on each other or not average
+            raise RuntimeError(f"the adapters of {partial} decoder layer(s) got gradients for only some of their "
+                               "parameters in this backward, which gpu.shard_adapters=false cannot average: set "
+                               "gpu.shard_adapters=true")
         world = dist.get_world_size()
         for bucket, flat, work in self.pending:
             work.wait()

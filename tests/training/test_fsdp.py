@@ -229,6 +229,46 @@ def test_replicated_adapters_count_whole_against_the_cap(checkpoint, tmp_path):
                              fast_path=False)
 
 
+class TwoLoraLayers(torch.nn.Module):
+    """Named as a decoder stack (`model.layers.N.`): each layer's two adapters are one all-reduce bucket."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2, bias=False),
+                                                                     "lora_B": torch.nn.Linear(2, 3, bias=False)})
+                                                for _ in range(2))
+
+
+def test_replicated_adapters_average_whole_layers_and_name_a_partial_one():
+    """ReplicatedAdapters in one gloo process: gradients come back as autograd made them (the average over one rank),
+    accumulated over two backwards; a backward that reaches only some of a layer's adapters (no bucket complete) fails
+    with the cause and the fix instead of leaving the ranks' gradients unaveraged."""
+    import torch.distributed as dist
+    model, x = TwoLoraLayers(), torch.randn(4, 3)
+
+    def loss(layers):
+        return sum(layer["lora_B"](layer["lora_A"](x)).square().sum() for layer in layers)
+
+    loss(model.model.layers).backward()
+    expected = {name: 2 * p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        replicated = fsdp.ReplicatedAdapters(model)
+        assert [len(bucket) for bucket in replicated.buckets] == [2, 2]
+        replicated.start(torch.device("cpu"))
+        for _ in range(2):
+            loss(model.model.layers).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=0)
+        with pytest.raises(RuntimeError, match=r"^the adapters of 2 decoder layer\(s\) got gradients for only some "
+                                               r"of their parameters .* set gpu.shard_adapters=true$"):
+            sum(layer["lora_A"](x).sum() for layer in model.model.layers).backward()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
     """describe.py --gpus 2: per GPU, half the weights and LoRA state, plus the two layers and the output layer
     gathered whole."""
