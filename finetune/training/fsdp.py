@@ -157,8 +157,9 @@ class ReplicatedAdapters:
     units then gather and free only the frozen GPTQ weights and reduce-scatter nothing. FSDP2's per-unit work grows
     with the parameters in the unit, the trainable ones most (their gradients' copy-in, reduce-scatter and copy-out):
     on the CPU with gloo, 80 units of 28 frozen and 14 trainable tensors cost 8.6 ms a unit a step with the adapters
-    inside, 4.9 ms outside (eval/BENCHMARKS.md, seventeenth session). Costs each GPU the adapters' optimiser state
-    whole."""
+    inside, 4.9 ms outside; on two H200s at 70B under a 40 GiB cap, train.py's steps were 1.9 % and 3.5 % shorter
+    than with the adapters inside (eval/BENCHMARKS.md, seventeenth and eighteenth sessions). Costs each GPU the
+    adapters' AdamW state whole (~1.5 GiB at 70B r16, in the sharded estimate: `budget.check_sharded_memory`)."""
 
     def __init__(self, model: torch.nn.Module):
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
