@@ -4,7 +4,9 @@
 
 accelerate's FSDP2 plugin (`fsdp_version: 2`) does the sharding: each decoder layer, its LoRA inside, becomes one
 `fully_shard` unit; GPTQLinear's packed tensors are frozen parameters, so each GPU keeps its slice of them and
-gathers a layer only while it computes. Only the adapters have gradients, so only they are reduce-scattered.
+gathers a layer only while it computes. Only the adapters have gradients, so only they are reduce-scattered; or,
+with `gpu.shard_adapters=false`, they stay whole on every GPU outside the units and are all-reduced
+(`ReplicatedAdapters`).
 Loading streams: the model is sharded before any packed tensor is read (`shard_model`), then each rank reads only
 the rows of its slices from the safetensors files, straight to its GPU; no rank holds the whole model in host or GPU
 memory (each reads the dense weights whole: embeddings, norms, output layer, ~1 GB at 70B).
