@@ -20,7 +20,9 @@ gradients).
 --resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
 OUT/whole trains 2 steps; OUT/cut, its directory as
 after step 1 (killed after the step-1 checkpoint), resumes to step 2; OUT/whole, its adapter removed as by a kill after
-the last checkpoint, is resumed and saves it again (OUT/whole-adapter keeps the first one).
+the last checkpoint, is resumed and saves it again (OUT/whole-adapter keeps the first one). With
+--replicated-adapters also OUT/accumulated-{replicated,sharded}: 2 steps of 2 accumulated rows, gpu.shard_adapters
+false and true.
 """
 
 import os
@@ -165,11 +167,11 @@ def train_and_resume(checkpoint: str, out: str) -> None:
     from finetune.config.recipe import compose_recipe
     from finetune.training import sft
 
-    def run(name: str, *overrides: str):
+    def run(name: str, *overrides: str, shard_adapters: bool = not REPLICATED):
         sft.train(compose_recipe("smoke", [f"model.name={checkpoint}", f"output_dir={out}/{name}", "train.max_steps=2",
                                            "train.save_steps=1", "train.max_length=256", "train.learning_rate=1e-2",
                                            "lora.dropout=0.1", "train.activation_checkpointing=true",
-                                           f"gpu.shard_adapters={str(not REPLICATED).lower()}", *overrides]))
+                                           f"gpu.shard_adapters={str(shard_adapters).lower()}", *overrides]))
 
     def on_main_process(work):
         state = PartialState()
@@ -185,6 +187,10 @@ def train_and_resume(checkpoint: str, out: str) -> None:
     # killed after its last checkpoint, before the adapter was saved
     on_main_process(lambda: os.replace(f"{out}/whole/adapter", f"{out}/whole-adapter"))
     run("whole", "resume=true")
+    if REPLICATED:  # the same run with two rows a step (gradients accumulated), the adapters replicated and sharded
+        for shard_adapters in (False, True):
+            run(f"accumulated-{'sharded' if shard_adapters else 'replicated'}", "train.gradient_accumulation_steps=2",
+                shard_adapters=shard_adapters)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,17 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
         assert adapter.keys() == whole.keys()
         for name, tensor in whole.items():
             assert torch.equal(adapter[name], tensor), (resumed, name)
+    if adapters == "replicated":  # train.py's own step (accumulation, clipping, AdamW) as with the adapters sharded
+        runs = {kind: two / f"accumulated-{kind}" for kind in ("replicated", "sharded")}
+        losses = {kind: json.loads((run / "metrics.json").read_text())["loss"] for kind, run in runs.items()}
+        assert [entry["step"] for entry in losses["replicated"]] == [1, 2]
+        for got, expected in zip(losses["replicated"], losses["sharded"], strict=True):
+            assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        replicated, sharded = (load_file(run / "adapter" / "adapter_model.safetensors") for run in runs.values())
+        assert replicated.keys() == sharded.keys() == whole.keys()
+        for name, tensor in sharded.items():
+            torch.testing.assert_close(replicated[name], tensor, rtol=1e-5, atol=1e-6)  # 1e-4 of a step
+        assert all(not torch.equal(tensor, whole[name]) for name, tensor in sharded.items() if "lora_B" in name)
 
 
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
