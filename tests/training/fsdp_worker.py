@@ -22,7 +22,7 @@ OUT/whole trains 2 steps; OUT/cut, its directory as
 after step 1 (killed after the step-1 checkpoint), resumes to step 2; OUT/whole, its adapter removed as by a kill after
 the last checkpoint, is resumed and saves it again (OUT/whole-adapter keeps the first one). With
 --replicated-adapters also OUT/accumulated-{replicated,sharded}: 2 steps of 2 accumulated rows, gpu.shard_adapters
-false and true.
+false and true, and OUT/switched: the sharded one cut after step 1, resumed with the adapters replicated.
 """
 
 import os
@@ -191,6 +191,11 @@ def train_and_resume(checkpoint: str, out: str) -> None:
         for shard_adapters in (False, True):
             run(f"accumulated-{'sharded' if shard_adapters else 'replicated'}", "train.gradient_accumulation_steps=2",
                 shard_adapters=shard_adapters)
+        # the sharded one cut after step 1 and resumed with the adapters replicated
+        on_main_process(lambda: shutil.copytree(f"{out}/accumulated-sharded", f"{out}/switched",
+                                                ignore=shutil.ignore_patterns("checkpoint-2", "adapter",
+                                                                              "loss_curve.png", "metrics.json")))
+        run("switched", "train.gradient_accumulation_steps=2", "resume=true", shard_adapters=False)
 
 
 if __name__ == "__main__":

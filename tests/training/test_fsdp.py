@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +119,11 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
     assert [entry["step"] for entry in losses[1]] == [1, 2] and losses[1] == losses[0]
     whole = load_file(two / "whole-adapter" / "adapter_model.safetensors")
     assert any("trainable_tokens_delta" in name for name in whole)
+    def started_at_step_2(resumed: str, source: str) -> bool:  # checkpoint-1 as copied: resumed, not started over
+        state = Path("checkpoints", "checkpoint-1", "trainer_state.json")
+        return (two / resumed / state).stat().st_mtime_ns == (two / source / state).stat().st_mtime_ns
+
+    assert started_at_step_2("cut", "whole")
     for resumed in ("cut", "whole"):
         adapter = load_file(two / resumed / "adapter" / "adapter_model.safetensors")
         assert adapter.keys() == whole.keys()
@@ -134,6 +140,11 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
         for name, tensor in sharded.items():
             torch.testing.assert_close(replicated[name], tensor, rtol=1e-5, atol=1e-6)  # 1e-4 of a step
         assert all(not torch.equal(tensor, whole[name]) for name, tensor in sharded.items() if "lora_B" in name)
+        # a run's checkpoints resume under the other setting: the same adapter (step 2 averaged the other way)
+        switched = load_file(two / "switched" / "adapter" / "adapter_model.safetensors")
+        assert started_at_step_2("switched", "accumulated-sharded") and switched.keys() == sharded.keys()
+        for name, tensor in sharded.items():
+            torch.testing.assert_close(switched[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
