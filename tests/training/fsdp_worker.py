@@ -22,7 +22,8 @@ OUT/whole trains 2 steps; OUT/cut, its directory as
 after step 1 (killed after the step-1 checkpoint), resumes to step 2; OUT/whole, its adapter removed as by a kill after
 the last checkpoint, is resumed and saves it again (OUT/whole-adapter keeps the first one). With
 --replicated-adapters also OUT/accumulated-{replicated,sharded}: 2 steps of 2 accumulated rows, gpu.shard_adapters
-false and true, and OUT/switched: the sharded one cut after step 1, resumed with the adapters replicated.
+false and true, and OUT/switched-from-accumulated-{replicated,sharded}: each cut after step 1, resumed under the
+other setting.
 """
 
 import os
@@ -173,30 +174,31 @@ def train_and_resume(checkpoint: str, out: str) -> None:
                                            "lora.dropout=0.1", "train.activation_checkpointing=true",
                                            f"gpu.shard_adapters={str(shard_adapters).lower()}", *overrides]))
 
-    def on_main_process(work):
+    def on_main_process(work, *args, **kwargs):
         state = PartialState()
         if state.is_main_process:
-            work()
+            work(*args, **kwargs)
         state.wait_for_everyone()
 
+    def cut_after_step_1(source: str, name: str):  # the run directory as a kill after its step-1 checkpoint left it
+        on_main_process(shutil.copytree, f"{out}/{source}", f"{out}/{name}",
+                        ignore=shutil.ignore_patterns("checkpoint-2", "adapter", "loss_curve.png", "metrics.json"))
+
     run("whole")
-    # killed after its step-1 checkpoint: the run directory as it was then
-    on_main_process(lambda: shutil.copytree(f"{out}/whole", f"{out}/cut", ignore=shutil.ignore_patterns(
-        "checkpoint-2", "adapter", "loss_curve.png", "metrics.json")))
+    cut_after_step_1("whole", "cut")
     run("cut", "resume=true")
     # killed after its last checkpoint, before the adapter was saved
-    on_main_process(lambda: os.replace(f"{out}/whole/adapter", f"{out}/whole-adapter"))
+    on_main_process(os.replace, f"{out}/whole/adapter", f"{out}/whole-adapter")
     run("whole", "resume=true")
     if REPLICATED:  # the same run with two rows a step (gradients accumulated), the adapters replicated and sharded
         for shard_adapters in (False, True):
             run(f"accumulated-{'sharded' if shard_adapters else 'replicated'}", "train.gradient_accumulation_steps=2",
                 shard_adapters=shard_adapters)
-        # the sharded one cut after step 1 and resumed with the adapters replicated
-        on_main_process(lambda: shutil.copytree(f"{out}/accumulated-sharded", f"{out}/switched",
-                                                ignore=shutil.ignore_patterns("checkpoint-2", "adapter",
-                                                                              "loss_curve.png", "metrics.json")))
-        run("switched", "train.gradient_accumulation_steps=2", "resume=true", shard_adapters=False)
-
+        for shard_adapters in (False, True):  # each cut after step 1 and resumed under the other setting
+            source = f"accumulated-{'replicated' if shard_adapters else 'sharded'}"
+            cut_after_step_1(source, f"switched-from-{source}")
+            run(f"switched-from-{source}", "train.gradient_accumulation_steps=2", "resume=true",
+                shard_adapters=shard_adapters)
 
 if __name__ == "__main__":
     if "--resume" in sys.argv[3:]:

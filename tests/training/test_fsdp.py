@@ -141,10 +141,12 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
             torch.testing.assert_close(replicated[name], tensor, rtol=1e-5, atol=1e-6)  # 1e-4 of a step
         assert all(not torch.equal(tensor, whole[name]) for name, tensor in sharded.items() if "lora_B" in name)
         # a run's checkpoints resume under the other setting: the same adapter (step 2 averaged the other way)
-        switched = load_file(two / "switched" / "adapter" / "adapter_model.safetensors")
-        assert started_at_step_2("switched", "accumulated-sharded") and switched.keys() == sharded.keys()
-        for name, tensor in sharded.items():
-            torch.testing.assert_close(switched[name], tensor, rtol=1e-5, atol=1e-6)
+        for source in runs.values():
+            switched = two / f"switched-from-{source.name}"
+            adapter = load_file(switched / "adapter" / "adapter_model.safetensors")
+            assert started_at_step_2(switched.name, source.name) and adapter.keys() == sharded.keys()
+            for name, tensor in sharded.items():
+                torch.testing.assert_close(adapter[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
