@@ -200,6 +200,7 @@ def train_and_resume(checkpoint: str, out: str) -> None:
             run(f"switched-from-{source}", "train.gradient_accumulation_steps=2", "resume=true",
                 shard_adapters=shard_adapters)
 
+
 if __name__ == "__main__":
     if "--resume" in sys.argv[3:]:
         select_fsdp_on_cpu()

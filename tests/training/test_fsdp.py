@@ -45,7 +45,8 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
     fast path's lean one (one layer kept without its norm outputs, the others recomputed); then train.py's own run
     sharded, cut and resumed (same processes: the imports and the process group paid once). With
     `gpu.shard_adapters=false` the adapters are whole on each rank, outside the units, their gradients all-reduced:
-    the same results."""
+    the same results; then train.py with accumulated rows trains the same adapter under either setting, and a run cut
+    under one resumes under the other."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
