@@ -120,6 +120,7 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
     assert [entry["step"] for entry in losses[1]] == [1, 2] and losses[1] == losses[0]
     whole = load_file(two / "whole-adapter" / "adapter_model.safetensors")
     assert any("trainable_tokens_delta" in name for name in whole)
+
     def started_at_step_2(resumed: str, source: str) -> bool:  # checkpoint-1 as copied: resumed, not started over
         state = Path("checkpoints", "checkpoint-1", "trainer_state.json")
         return (two / resumed / state).stat().st_mtime_ns == (two / source / state).stat().st_mtime_ns
