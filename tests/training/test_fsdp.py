@@ -220,39 +220,25 @@ def test_a_cap_that_fits_only_the_plain_path_names_it_before_loading():
     check_memory_cap(28.3, 40, 2, 4096, fast_path=True)
 
 
-def test_the_copy_engines_workspace_counts_against_the_cap(checkpoint, tmp_path):
-    """gpu.all_gather=copy_engine holds one decoder layer's shard per GPU outside the allocator: a cap that fits the
-    sharded plan by less than that fits it with NCCL's all-gather only."""
+@pytest.mark.parametrize("setting, extra_gib", [
+    # its workspace: one decoder layer's shard per GPU, outside the allocator
+    ("gpu.all_gather=copy_engine", lambda memory: memory["quantised weights"] / TINY.num_hidden_layers),
+    # the adapters and their AdamW state whole on every GPU: the other GPU's share more
+    ("gpu.shard_adapters=false", lambda memory: memory["LoRA + AdamW"]),
+])
+def test_settings_that_hold_more_per_gpu_count_against_the_cap(checkpoint, tmp_path, setting, extra_gib):
+    """A cap that fits the sharded plan by less than what `setting` adds per GPU fits it with the default only."""
     from finetune.gptq.checkpoint_info import describe_checkpoint
     from finetune.training.budget import check_sharded_memory
     lora = compose_recipe("smoke").lora
     memory = describe_checkpoint(str(checkpoint), seq_len=512, lora_r=lora.r, gpus=2,
                                  lora_targets=tuple(lora.target_modules)).memory_gib
-    workspace = memory["quantised weights"] / TINY.num_hidden_layers
-    cap = memory["total"] + workspace / 2
+    cap = memory["total"] + extra_gib(memory) / 2
     overrides = [f"model.name={checkpoint}", f"output_dir={tmp_path}/run", "train.max_length=512",
                  f"gpu.memory_budget_gib={cap}"]
     check_sharded_memory(compose_recipe("smoke", overrides), checkpoint, gpus=2, fast_path=False)
     with pytest.raises(RecipeError, match=rf"^gpu.memory_budget_gib={cap} is below"):
-        check_sharded_memory(compose_recipe("smoke", [*overrides, "gpu.all_gather=copy_engine"]), checkpoint, gpus=2,
-                             fast_path=False)
-
-
-def test_replicated_adapters_count_whole_against_the_cap(checkpoint, tmp_path):
-    """gpu.shard_adapters=false keeps the adapters and their AdamW state whole on every GPU: a cap that fits the
-    sharded plan by less than the other GPU's share of them fits it with sharded adapters only."""
-    from finetune.gptq.checkpoint_info import describe_checkpoint
-    from finetune.training.budget import check_sharded_memory
-    lora = compose_recipe("smoke").lora
-    memory = describe_checkpoint(str(checkpoint), seq_len=512, lora_r=lora.r, gpus=2,
-                                 lora_targets=tuple(lora.target_modules)).memory_gib
-    cap = memory["total"] + memory["LoRA + AdamW"] / 2
-    overrides = [f"model.name={checkpoint}", f"output_dir={tmp_path}/run", "train.max_length=512",
-                 f"gpu.memory_budget_gib={cap}"]
-    check_sharded_memory(compose_recipe("smoke", overrides), checkpoint, gpus=2, fast_path=False)
-    with pytest.raises(RecipeError, match=rf"^gpu.memory_budget_gib={cap} is below"):
-        check_sharded_memory(compose_recipe("smoke", [*overrides, "gpu.shard_adapters=false"]), checkpoint, gpus=2,
-                             fast_path=False)
+        check_sharded_memory(compose_recipe("smoke", [*overrides, setting]), checkpoint, gpus=2, fast_path=False)
 
 
 class TwoLoraLayers(torch.nn.Module):
