@@ -72,7 +72,10 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
               else 0.9 * torch.cuda.get_device_properties(device).total_memory)
     trainable = sum(local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # + grads and AdamW's two moments; sharded, also a layer gathered ahead of the one computing and its all-gather
-    # buffer (the measured layer below counts the one computing)
+    # buffer. The measured layer below runs through FSDP2's hooks, so its backward bytes hold its own gathers and the
+    # next layer's prefetch, scaled with tokens: ~1.5 GiB more than allocated at 70B shape, 4,096 tokens. Kept so: the
+    # caching allocator needs that slack under a cap (the all-gather stream's own cache, fragmentation); planned
+    # exactly, 3 more layers kept made it retry every step, no faster (eval/BENCHMARKS.md, nineteenth session)
     static = torch.cuda.memory_allocated(device) + 3 * trainable + 2 * gathered
     if getattr(base, "_host_offload", None) is None:  # once: enabling again re-plans with the same hooks
         norms = NormRecompute()
