@@ -74,8 +74,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     # + grads and AdamW's two moments; sharded, also a layer gathered ahead of the one computing and its all-gather
     # buffer. The measured layer below runs through FSDP2's hooks, so its backward bytes hold its own gathers and the
     # next layer's prefetch, scaled with tokens: ~1.5 GiB more than allocated at 70B shape, 4,096 tokens. Kept so: the
-    # caching allocator needs that slack under a cap (the all-gather stream's own cache, fragmentation); planned
-    # exactly, 3 more layers kept made it retry every step, no faster (eval/BENCHMARKS.md, nineteenth session)
+    # caching allocator needs that slack under a cap (the all-gather stream's own cache, fragmentation); without it
+    # the plan kept 3 more layers and the allocator retried every step, no faster (eval/BENCHMARKS.md, 19th session)
     static = torch.cuda.memory_allocated(device) + 3 * trainable + 2 * gathered
     if getattr(base, "_host_offload", None) is None:  # once: enabling again re-plans with the same hooks
         norms = NormRecompute()
