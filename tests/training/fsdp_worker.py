@@ -191,11 +191,13 @@ def train_and_resume(checkpoint: str, out: str) -> None:
     on_main_process(os.replace, f"{out}/whole/adapter", f"{out}/whole-adapter")
     run("whole", "resume=true")
     if REPLICATED:  # the same run with two rows a step (gradients accumulated), the adapters replicated and sharded
+        def accumulated(shard_adapters: bool) -> str:
+            return f"accumulated-{'sharded' if shard_adapters else 'replicated'}"
+
         for shard_adapters in (False, True):
-            run(f"accumulated-{'sharded' if shard_adapters else 'replicated'}", "train.gradient_accumulation_steps=2",
-                shard_adapters=shard_adapters)
+            run(accumulated(shard_adapters), "train.gradient_accumulation_steps=2", shard_adapters=shard_adapters)
         for shard_adapters in (False, True):  # each cut after step 1 and resumed under the other setting
-            source = f"accumulated-{'replicated' if shard_adapters else 'sharded'}"
+            source = accumulated(not shard_adapters)
             cut_after_step_1(source, f"switched-from-{source}")
             run(f"switched-from-{source}", "train.gradient_accumulation_steps=2", "resume=true",
                 shard_adapters=shard_adapters)
