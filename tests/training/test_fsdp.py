@@ -281,6 +281,18 @@ def test_replicated_adapters_average_whole_layers_and_name_a_partial_one():
         dist.destroy_process_group()
 
 
+def test_replicated_adapters_refuse_a_module_holding_frozen_parameters_too():
+    """Trainable parameters leave the FSDP units by whole modules: one that also holds a frozen parameter (which the
+    units must shard) is named, with the fix."""
+    model = TwoLoraLayers()
+    model.model.layers[1]["lora_B"].register_parameter("frozen", torch.nn.Parameter(torch.zeros(3),
+                                                                                     requires_grad=False))
+    with pytest.raises(RuntimeError, match=r"^model\.layers\.1\.lora_B holds trainable and frozen parameters "
+                                           r"\(frozen\); gpu\.shard_adapters=false can only leave whole modules out "
+                                           r"of the FSDP units$"):
+        fsdp.ReplicatedAdapters(model)
+
+
 def test_the_sharded_plan_splits_the_weights_per_gpu(checkpoint):
     """describe.py --gpus 2: per GPU, half the weights and LoRA state, plus the two layers and the output layer
     gathered whole."""
