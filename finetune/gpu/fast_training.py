@@ -71,11 +71,8 @@ def enable_fast_training(model: torch.nn.Module, *, seq_len: int, memory_budget_
     budget = (memory_budget_gib * GIB if memory_budget_gib is not None
               else 0.9 * torch.cuda.get_device_properties(device).total_memory)
     trainable = sum(local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    # + grads and AdamW's two moments; sharded, also a layer gathered ahead of the one computing and its all-gather
-    # buffer. The measured layer below runs through FSDP2's hooks, so its backward bytes hold its own gathers and the
-    # next layer's prefetch, scaled with tokens: ~1.5 GiB more than allocated at 70B shape, 4,096 tokens. Kept so: the
-    # caching allocator needs that slack under a cap (the all-gather stream's own cache, fragmentation); without it
-    # the plan kept 3 more layers and the allocator retried every step, no faster (eval/BENCHMARKS.md, 19th session)
+    # + grads and AdamW's two moments; sharded, the layer computing and the next one's all-gather ahead of it
+    # (`prefetch_next_layer`): the measured layer below is measured gathered, without FSDP2's gathers
     static = torch.cuda.memory_allocated(device) + 3 * trainable + 2 * gathered
     if getattr(base, "_host_offload", None) is None:  # once: enabling again re-plans with the same hooks
         norms = NormRecompute()
@@ -129,6 +126,23 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def gathered_layer_bytes(layer: torch.nn.Module) -> int:
     """Bytes of a decoder layer's parameters gathered whole, when FSDP2 shards them (DTensors); 0 when not sharded."""
     return sum(p.numel() * p.element_size() for p in layer.parameters() if hasattr(p, "to_local"))
+
+
+@contextlib.contextmanager
+def gathered_alone(layer: torch.nn.Module):
+    """Yields the layer's forward without its module hooks, its parameters gathered whole until the block ends when
+    FSDP2 shards it. Measured so, a layer's memory is its own (saved tensors, backward workspace), which grows with
+    its tokens; the gathers FSDP2's hooks would add (this layer's twice, its all-gather buffers, the next layer's
+    prefetch) do not, and the plan counts them apart (`gathered_layer_bytes`)."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = isinstance(layer, FSDPModule)
+    if sharded:
+        layer.unshard()
+    try:
+        yield layer.forward
+    finally:
+        if sharded:
+            layer.reshard()
 
 
 def settle_sharded_root(model: torch.nn.Module, device: torch.device) -> None:
@@ -241,7 +255,7 @@ class LayerCost:
 def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int,
                   norms: NormRecompute | None = None) -> LayerCost:
     """One decoder layer at `tokens` tokens, measured on the GPU as it will train (LoRA, liger, and with `norms`
-    no norm output kept)."""
+    no norm output kept); sharded, gathered beforehand (`gathered_alone`)."""
     # a norm weight gives the activation dtype (the GPTQ tensors are frozen parameters too, but int32/fp16)
     frozen = next(p for n, p in layer.named_parameters() if not p.requires_grad and n.endswith("norm.weight"))
     hidden = torch.randn(1, tokens, rotary.config.hidden_size, device=frozen.device, dtype=frozen.dtype)
@@ -250,20 +264,21 @@ def measure_layer(layer: torch.nn.Module, rotary: torch.nn.Module, tokens: int,
     checkpointing, layer.gradient_checkpointing = layer.gradient_checkpointing, False
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
-        with torch.no_grad():
-            layer(hidden, **kwargs)  # compiles kernels and sizes the dequantisation workspace first
-            start.record()
-            layer(hidden, **kwargs)
-            end.record()
-        hidden.requires_grad_(True)
-        saved = SavedTensorCount(norms)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        with saved.counting():
-            out = layer(hidden, **kwargs)
-        torch.autograd.grad(out, hidden, torch.randn_like(out))  # input grad only: leaves LoRA .grad alone
-        peak = torch.cuda.max_memory_allocated() - before
+        with gathered_alone(layer) as forward:
+            with torch.no_grad():
+                forward(hidden, **kwargs)  # compiles kernels and sizes the dequantisation workspace first
+                start.record()
+                forward(hidden, **kwargs)
+                end.record()
+            hidden.requires_grad_(True)
+            saved = SavedTensorCount(norms)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with saved.counting():
+                out = forward(hidden, **kwargs)
+            torch.autograd.grad(out, hidden, torch.randn_like(out))  # input grad only: leaves LoRA .grad alone
+            peak = torch.cuda.max_memory_allocated() - before
     finally:
         layer.gradient_checkpointing = checkpointing
     return LayerCost(hidden.numel() * hidden.element_size(), saved.bytes, max(peak - saved.bytes, 0),

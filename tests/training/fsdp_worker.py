@@ -13,9 +13,9 @@ gradient are the one-process ones up to fp32 rounding. Writes OUT/results-<rank>
 global shape of every packed tensor, the tensor bytes this rank read from the checkpoint) and OUT/adapter (rank 0,
 PEFT format). The same step again with the fast path's lean LoRA (`fast_lora.speed_up_lora`, dequantising from the
 gathered tensors in forward and backward), after what `enable_fast_training` does first on shards (a short row through
-the whole model, then one layer run alone, as its planner measures it), the last layer keeping its activations but
-not its norm outputs (`norm_recompute`), the others recomputing: OUT/results-lean-<rank>.pt (loss, LoRA
-gradients).
+the whole model, then one layer run alone and gathered whole, as its planner measures it), the last layer keeping its
+activations but not its norm outputs (`norm_recompute`), the others recomputing: OUT/results-lean-<rank>.pt (loss,
+LoRA gradients, the lone layer's input gradient and whether it stayed gathered through it).
 
 --resume then runs train.py's own `sft.train` sharded as under accelerate_fsdp.yaml (CHECKPOINT needs a tokenizer):
 OUT/whole trains 2 steps; OUT/cut, its directory as
@@ -46,6 +46,7 @@ from finetune.gpu.fast_training import (
     RecomputePlan,
     apply_plan,
     decoder_layers,
+    gathered_alone,
     gathered_layer_bytes,
     rotary_embedding,
     settle_sharded_root,
@@ -126,12 +127,17 @@ def lean_step(checkpoint: str, out: str, sharded: bool) -> None:
     if sharded:
         shard(accelerator, model)
         settle_sharded_root(model, torch.device("cpu"))
-    # one layer alone, forward and input gradient, as fast_training.measure_layer runs it before training
+    # one layer alone, forward and input gradient, as fast_training.measure_layer runs it before training: gathered
+    # whole throughout (FSDP2's hooks would reshard it after the forward), sharded again after
     layer, rotary = decoder_layers(model)[1], rotary_embedding(model)
-    hidden = torch.randn(1, 16, model.config.hidden_size, requires_grad=True)
+    numbers = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 16, model.config.hidden_size, generator=numbers, requires_grad=True)
     position_ids = torch.arange(16)[None]
-    out_hidden = layer(hidden, position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)
-    torch.autograd.grad(out_hidden, hidden, torch.randn_like(out_hidden))
+    with gathered_alone(layer) as forward:
+        out_hidden = forward(hidden, position_embeddings=rotary(hidden, position_ids), position_ids=position_ids)
+        input_grad, = torch.autograd.grad(out_hidden, hidden, torch.randn(out_hidden.shape, generator=numbers))
+        gathered_throughout = not any(isinstance(p, DTensor) for p in layer.parameters())
+    sharded_after = all(isinstance(p, DTensor) for p in layer.parameters() if not p.requires_grad)  # the weights
     layers, norms = decoder_layers(model), NormRecompute()
     for each in layers:
         norms.watch(each)
@@ -143,7 +149,8 @@ def lean_step(checkpoint: str, out: str, sharded: bool) -> None:
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # a DTensor's numel is the whole one
     adapter_bytes = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
     torch.save({"loss": mean_loss.item(), "grads": gathered_grads(model), "gathered_bytes": gathered_layer_bytes(layer),
-                "layer_bytes": layer_bytes, "adapter_bytes": adapter_bytes},
+                "layer_bytes": layer_bytes, "adapter_bytes": adapter_bytes, "input_grad": input_grad,
+                "gathered_throughout": gathered_throughout, "sharded_after": sharded_after},
                Path(out) / f"results-lean-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
 

@@ -75,6 +75,11 @@ def test_two_ranks_train_as_one_process_and_resume(checkpoint, tmp_path, adapter
     assert lean_single["gathered_bytes"] == 0
     gathered = lean_single["layer_bytes"] - (lean_single["adapter_bytes"] if adapters == "replicated" else 0)
     assert [rank["gathered_bytes"] for rank in lean_ranks] == [gathered] * 2 and 0 < gathered
+    # the planner's layer measured alone (`gathered_alone`): gathered whole through its forward and backward, no
+    # FSDP2 hook in between, sharded again after, its input gradient the one process's
+    assert [(rank["gathered_throughout"], rank["sharded_after"]) for rank in lean_ranks] == [(True, True)] * 2
+    for rank in lean_ranks:
+        torch.testing.assert_close(rank["input_grad"], lean_single["input_grad"], rtol=1e-5, atol=1e-7)
     for rank in lean_ranks:
         assert rank["grads"].keys() == single["grads"].keys()
         for name, grad in lean_single["grads"].items():
