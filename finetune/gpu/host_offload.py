@@ -2,10 +2,10 @@
 
 Run a decoder layer's forward inside `with hooks:` and every large tensor autograd saves for its backward is
 copied to pinned host memory as it is saved, on a side stream, so the copy overlaps the rest of the forward; its
-GPU memory is freed once the copy is done. The backward visits layers in reverse: when it needs one of a layer's
-tensors it fetches the whole layer and starts fetching the layer before it, whose copy then overlaps this layer's
-backward; the last layer run forward starts coming back as the backward begins (`fetch_last_layer`). For a
-checkpointed layer only its input is saved, so only that travels.
+GPU memory is freed once the copy is done, which the next host layer waits for. The backward visits layers in
+reverse: when it needs one of a layer's tensors it fetches the whole layer and starts fetching the layer before it,
+whose copy then overlaps this layer's backward; the last layer run forward starts coming back as the backward begins
+(`fetch_last_layer`). For a checkpointed layer only its input is saved, so only that travels.
 
 A tensor saved several times in one layer (the input of q, k and v), or as several dense shapes of the same bytes,
 travels once; an RMSNorm output does not travel at all when `norms` (a `NormRecompute`) is given: its input travels
@@ -76,10 +76,11 @@ def available_memory(meminfo: str = "/proc/meminfo") -> float:
 
 class _Layer:
     """What one `with hooks:` block saved."""
-    __slots__ = ("__weakref__", "copies", "previous", "ready", "saved")
+    __slots__ = ("__weakref__", "copied", "copies", "previous", "ready", "saved")
 
     def __init__(self, previous):
         self.copies, self.saved, self.previous, self.ready = [], {}, previous, None
+        self.copied = None  # an event on the copy stream after the block's copies out
 
 
 class PinnedArena:
@@ -233,6 +234,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         self.last = None  # the block run before it
 
     def __enter__(self):
+        self._wait_for_copies_out(self.last)
         self.layer = _Layer(weakref.ref(self.last) if self.last is not None else None)
         self.last = self.layer
         if self.norms is not None:
@@ -241,6 +243,8 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __exit__(self, *exc):
         self.layer.saved = {}  # the GPU tensors, held so far so that no new tensor reused their memory (see _pack)
+        if self.layer.copies:
+            self.layer.copied = self.stream.record_event()
         self.layer = None
         if self.norms is not None:
             self.norms.stop()
@@ -300,8 +304,20 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         begins. Otherwise the top host layer's copy starts only when its own backward needs it, which then waits
         for all of it (the longest gap in a 70B train.py step on an H200: 14.9 ms) while the kept layers above it
         could have hidden it; the memory is the one layer in flight the plan counts."""
+        self._wait_for_copies_out(self.last)
         if self.last is not None:
             self._fetch(self.last)
+
+    @staticmethod
+    def _wait_for_copies_out(layer: _Layer | None) -> None:
+        """The CPU waits for `layer`'s copies to the host: the GPU memory they copy from is freed only once the copy
+        stream has read it (`record_stream`), which the allocator learns at an allocation after that. A CPU running
+        layers ahead of the GPU would otherwise find several host layers' memory still held where the plan counts
+        one, and under a memory cap the allocator then frees its whole cache and retries (a synchronisation, and
+        the memory mapped again). Waiting as the next host layer begins (and as the backward begins, for the last
+        one) leaves the GPU the layers between two host layers to run meanwhile."""
+        if layer is not None and layer.copied is not None:
+            layer.copied.synchronize()
 
     def _fetch(self, layer: _Layer):
         if layer.ready is not None:

@@ -186,3 +186,39 @@ def test_the_last_host_layer_comes_back_as_the_backward_begins(checkpoint, monke
     apply_plan(layers, plan, Logged())
     loss_and_grads(model, tokens)
     assert events[0] == "fetch" and events.index("unpack") > 0, events[:4]
+
+
+@needs_cuda
+def test_a_host_layer_begins_once_the_one_before_is_copied_out(checkpoint, monkeypatch):
+    """Each host layer's forward, and the backward's turn, start only when the host layer before has been copied
+    to the host: the plan counts one host layer's GPU memory in flight, however far the CPU runs ahead. The copy
+    stream sleeps after each layer's copies (~0.1 s), so that without the wait they would still be running."""
+    from finetune.gpu import host_offload
+    monkeypatch.setattr(host_offload, "OFFLOAD_MIN_BYTES", 0)
+
+    class Logged(host_offload.HostOffload):
+        def __enter__(self):
+            before = self.last
+            entered = super().__enter__()
+            copied.append(None if before is None or before.copied is None else before.copied.query())
+            return entered
+
+        def __exit__(self, *exc):
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(100_000_000)  # clock cycles
+            return super().__exit__(*exc)
+
+        def fetch_last_layer(self):
+            super().fetch_last_layer()
+            copied.append(self.last.copied.query())
+
+    copied = []
+    tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
+    model = lora_model(checkpoint, device="cuda")
+    fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
+    layers = decoder_layers(model.get_base_model())
+    plan = RecomputePlan(keep=1, offload=0, bytes=0, host=2)
+    assert [plan.mode(i, 3) for i in range(3)] == ["host", "host", "keep"]
+    apply_plan(layers, plan, Logged())
+    loss_and_grads(model, tokens)
+    assert copied == [None, True, True]  # the first host layer has none before it; the second, and the turn
