@@ -177,14 +177,8 @@ def test_the_last_host_layer_comes_back_as_the_backward_begins(checkpoint, monke
             return super()._fetch(layer)
 
     events = []
-    tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
-    model = lora_model(checkpoint, device="cuda")
-    fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
-    layers = decoder_layers(model.get_base_model())
-    plan = RecomputePlan(keep=1, offload=0, bytes=0, host=1)
-    assert [plan.mode(i, 3) for i in range(3)] == ["host", "recompute", "keep"]
-    apply_plan(layers, plan, Logged())
-    loss_and_grads(model, tokens)
+    train_step_on_gpu(checkpoint, RecomputePlan(keep=1, offload=0, bytes=0, host=1), Logged(),
+                      modes=["host", "recompute", "keep"])
     assert events[0] == "fetch" and events.index("unpack") > 0, events[:4]
 
 
@@ -213,12 +207,17 @@ def test_a_host_layer_begins_once_the_one_before_is_copied_out(checkpoint, monke
             copied.append(self.last.copied.query())
 
     copied = []
+    train_step_on_gpu(checkpoint, RecomputePlan(keep=1, offload=0, bytes=0, host=2), Logged(),
+                      modes=["host", "host", "keep"])
+    assert copied == [None, True, True]  # the first host layer has none before it; the second, and the turn
+
+
+def train_step_on_gpu(checkpoint, plan: RecomputePlan, hooks, modes: list[str]) -> None:
+    """One forward and backward of the tiny LoRA model on the GPU, its three layers set by `plan` (in `modes`: the
+    test's reading of the plan, checked) with `hooks` for the host layers."""
     tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
     model = lora_model(checkpoint, device="cuda")
     fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
-    layers = decoder_layers(model.get_base_model())
-    plan = RecomputePlan(keep=1, offload=0, bytes=0, host=2)
-    assert [plan.mode(i, 3) for i in range(3)] == ["host", "host", "keep"]
-    apply_plan(layers, plan, Logged())
+    assert [plan.mode(i, 3) for i in range(3)] == modes
+    apply_plan(decoder_layers(model.get_base_model()), plan, hooks)
     loss_and_grads(model, tokens)
-    assert copied == [None, True, True]  # the first host layer has none before it; the second, and the turn
