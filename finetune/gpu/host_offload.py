@@ -2,10 +2,10 @@
 
 Run a decoder layer's forward inside `with hooks:` and every large tensor autograd saves for its backward is
 copied to pinned host memory as it is saved, on a side stream, so the copy overlaps the rest of the forward; its
-GPU memory is freed once the copy is done, which the next host layer waits for. The backward visits layers in
-reverse: when it needs one of a layer's tensors it fetches the whole layer and starts fetching the layer before it,
-whose copy then overlaps this layer's backward; the last layer run forward starts coming back as the backward begins
-(`fetch_last_layer`). For a checkpointed layer only its input is saved, so only that travels.
+GPU memory is freed at the end of the next host layer, ordered after the copy on the GPU. The backward visits
+layers in reverse: when it needs one of a layer's tensors it fetches the whole layer and starts fetching the layer
+before it, whose copy then overlaps this layer's backward; the last layer run forward starts coming back as the
+backward begins (`fetch_last_layer`). For a checkpointed layer only its input is saved, so only that travels.
 
 A tensor saved several times in one layer (the input of q, k and v), or as several dense shapes of the same bytes,
 travels once; an RMSNorm output does not travel at all when `norms` (a `NormRecompute`) is given: its input travels
@@ -232,9 +232,9 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         self.arena = PinnedArena()
         self.layer = None  # the block being run forward
         self.last = None  # the block run before it
+        self.held = None  # the last block whose GPU tensors wait for their copies out (`_free_copied`)
 
     def __enter__(self):
-        self._wait_for_copies_out(self.last)
         self.layer = _Layer(weakref.ref(self.last) if self.last is not None else None)
         self.last = self.layer
         if self.norms is not None:
@@ -242,10 +242,13 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self.layer.saved = {}  # the GPU tensors, held so far so that no new tensor reused their memory (see _pack)
-        if self.layer.copies:
-            self.layer.copied = self.stream.record_event()
-        self.layer = None
+        layer, self.layer = self.layer, None
+        if layer.copies:
+            layer.copied = self.stream.record_event()
+            self._free_copied(self.held)
+            self.held = layer
+        else:
+            layer.saved = {}
         if self.norms is not None:
             self.norms.stop()
         return super().__exit__(*exc)
@@ -271,7 +274,6 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
             self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(self.stream)  # its memory is reused only after the copy
             copy = _HostCopy(host, self.arena, tensor.device, self.layer)
             self.layer.copies.append(copy)
             self.layer.saved[key] = (copy, tensor)
@@ -304,22 +306,25 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         begins. Otherwise the top host layer's copy starts only when its own backward needs it, which then waits
         for all of it (the longest gap in a 70B train.py step on an H200: 14.9 ms) while the kept layers above it
         could have hidden it; the memory is the one layer in flight the plan counts."""
-        self._wait_for_copies_out(self.last)
         if self.last is not None:
             self._fetch(self.last)
 
-    @staticmethod
-    def _wait_for_copies_out(layer: _Layer | None) -> None:
-        """The CPU waits for `layer`'s copies to the host: the GPU memory they copy from is freed only once the copy
-        stream has read it (`record_stream`), which the allocator learns at an allocation after that. A CPU running
-        layers ahead of the GPU would otherwise find several host layers' memory still held where the plan counts
-        one, and under a memory cap the allocator then frees its whole cache and retries (a synchronisation, and
-        the memory mapped again). Waiting as the next host layer begins (and as the backward begins, for the last
-        one) leaves the GPU the layers between two host layers to run meanwhile."""
-        if layer is not None and layer.copied is not None:
-            layer.copied.synchronize()
+    def _free_copied(self, layer: _Layer | None) -> None:
+        """Free the GPU tensors `layer` has copied to the host, ordered after those copies on the GPU: the compute
+        stream waits for them, the CPU does not. The allocator can then give the memory to the next tensor at once,
+        and however far the CPU runs ahead, one host layer's memory is in flight besides the one running forward,
+        as the plan counts. (`record_stream` frees it only once the allocator, on the CPU's timeline, finds the
+        copies done: with the CPU layers ahead, several host layers' memory pending, and under a memory cap the
+        allocator freeing its whole cache and retrying once a step. A CPU wait for the copies instead cost 5 % of
+        the step: eval/BENCHMARKS.md, twenty-first session.) Called at the end of the next host layer, whose forward
+        the copies overlap, and as the backward's first fetch begins."""
+        if layer is not None:
+            torch.cuda.current_stream(layer.copies[0].device).wait_event(layer.copied)
+            layer.saved = {}
 
     def _fetch(self, layer: _Layer):
+        self._free_copied(self.held)  # the backward has begun: every forward copy is queued
+        self.held = None
         if layer.ready is not None:
             return
         pending = [c for c in layer.copies if c.host is not None]  # not yet unpacked for good

@@ -183,41 +183,45 @@ def test_the_last_host_layer_comes_back_as_the_backward_begins(checkpoint, monke
 
 
 @needs_cuda
-def test_a_host_layer_begins_once_the_one_before_is_copied_out(checkpoint, monkeypatch):
-    """Each host layer's forward, and the backward's turn, start only when the host layer before has been copied
-    to the host: the plan counts one host layer's GPU memory in flight, however far the CPU runs ahead. The copy
-    stream sleeps after each layer's copies (~0.1 s), so that without the wait they would still be running."""
+def test_a_host_layer_frees_its_gpu_memory_after_its_copies_without_the_cpu_waiting(checkpoint, monkeypatch):
+    """A host layer's GPU tensors are freed at the next host layer's end (and as the backward begins, for the last
+    one), ordered after their copies to the host on the GPU, not by the CPU waiting. The copy stream runs late here
+    (~10 ms asleep after each copy) while the compute stream gets the freed memory for the layers after at once: the
+    gradients still equal those of the step with every layer kept, and only the latest host layer holds GPU tensors
+    once the next one has ended (the one in flight the plan counts)."""
     from finetune.gpu import host_offload
     monkeypatch.setattr(host_offload, "OFFLOAD_MIN_BYTES", 0)
 
-    class Logged(host_offload.HostOffload):
-        def __enter__(self):
-            before = self.last
-            entered = super().__enter__()
-            copied.append(None if before is None or before.copied is None else before.copied.query())
-            return entered
+    class Late(host_offload.HostOffload):
+        def _pack(self, tensor):
+            packed = super()._pack(tensor)
+            if self.stream is not None:
+                with torch.cuda.stream(self.stream):
+                    torch.cuda._sleep(20_000_000)  # clock cycles
+            return packed
 
         def __exit__(self, *exc):
-            with torch.cuda.stream(self.stream):
-                torch.cuda._sleep(100_000_000)  # clock cycles
-            return super().__exit__(*exc)
+            ended.append(self.layer)
+            exited = super().__exit__(*exc)
+            holding.append([bool(layer.saved) for layer in ended])
+            return exited
 
-        def fetch_last_layer(self):
-            super().fetch_last_layer()
-            copied.append(self.last.copied.query())
+    ended, holding = [], []
+    _, kept = train_step_on_gpu(checkpoint, RecomputePlan(keep=3, offload=0, bytes=0), None,
+                                modes=["keep", "keep", "keep"])
+    _, hosted = train_step_on_gpu(checkpoint, RecomputePlan(keep=1, offload=0, bytes=0, host=2), Late(),
+                                  modes=["host", "host", "keep"])
+    assert holding == [[True], [False, True]]
+    for name in kept:
+        torch.testing.assert_close(hosted[name], kept[name], msg=name)
 
-    copied = []
-    train_step_on_gpu(checkpoint, RecomputePlan(keep=1, offload=0, bytes=0, host=2), Logged(),
-                      modes=["host", "host", "keep"])
-    assert copied == [None, True, True]  # the first host layer has none before it; the second, and the turn
 
-
-def train_step_on_gpu(checkpoint, plan: RecomputePlan, hooks, modes: list[str]) -> None:
+def train_step_on_gpu(checkpoint, plan: RecomputePlan, hooks, modes: list[str]) -> tuple[float, dict]:
     """One forward and backward of the tiny LoRA model on the GPU, its three layers set by `plan` (in `modes`: the
-    test's reading of the plan, checked) with `hooks` for the host layers."""
+    test's reading of the plan, checked) with `hooks` for the host layers: the loss and LoRA gradients."""
     tokens = torch.randint(0, TINY.vocab_size, (1, 512), generator=torch.Generator().manual_seed(2)).cuda()
     model = lora_model(checkpoint, device="cuda")
     fast_training.enable_fast_training(model, seq_len=512, host_memory_gib=0)
     assert [plan.mode(i, 3) for i in range(3)] == modes
     apply_plan(decoder_layers(model.get_base_model()), plan, hooks)
-    loss_and_grads(model, tokens)
+    return loss_and_grads(model, tokens)
