@@ -17,8 +17,11 @@ from dataclasses import dataclass
 GIB = 1024 ** 3
 LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, its gradient, AdamW's two moments
 RUNTIME_OVERHEAD_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspaces, allocator slack
-# What the fast GPU path (finetune.gpu.fast_training) keeps free beyond its measured plan: loss head, allocator slack.
-# Here, with the estimate, so that the checks before loading and describe.py can add it.
+# What the fast GPU path (finetune.gpu.fast_training) keeps free beyond its measured plan: loss head, allocator slack
+# (under FSDP2 the all-gather stream's own cache and the default stream's free blocks: on 2 x H200 under a 40 GiB cap
+# a plan with 0.6 GiB or none kept 2 or 3 more layers, and the allocator freed its cache and retried every step, the
+# step 6-7 % longer: eval/BENCHMARKS.md, twenty-first session). Here, with the estimate, so that the checks before
+# loading and describe.py can add it.
 FAST_PATH_HEADROOM_BYTES = 2 * GIB
 
 
