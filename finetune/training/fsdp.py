@@ -28,6 +28,7 @@ import re
 
 import torch
 from accelerate import PartialState
+from accelerate.state import GradientState
 from accelerate.utils import FullyShardedDataParallelPlugin
 
 from ..config.recipe import RecipeError
@@ -154,11 +155,12 @@ def shard_model(accelerator, model: torch.nn.Module, *, shard_adapters: bool = T
 
 class ReplicatedAdapters:
     """`gpu.shard_adapters=false`: every trainable parameter (LoRA, added-token rows) stays whole on every rank,
-    outside the FSDP units (accelerate's `ignored_modules`), and its gradient is averaged over the ranks as it is
-    accumulated, one all-reduce per decoder layer's adapters (per other module's), as data parallel buckets them; the
-    units then gather and free only the frozen GPTQ weights and reduce-scatter nothing. FSDP2's per-unit work grows
-    with the parameters in the unit, the trainable ones most (their gradients' copy-in, reduce-scatter and copy-out):
-    on the CPU with gloo, 80 units of 28 frozen and 14 trainable tensors cost 8.6 ms a unit a step with the adapters
+    outside the FSDP units (accelerate's `ignored_modules`), and its gradient is averaged over the ranks as the
+    backward of an optimiser step's last accumulated row accumulates it, one all-reduce per decoder layer's adapters
+    (per other module's), as data parallel buckets them and skips the rows before (`no_sync`); the units then gather
+    and free only the frozen GPTQ weights and reduce-scatter nothing. FSDP2's per-unit work grows with the
+    parameters in the unit, the trainable ones most (their gradients' copy-in, reduce-scatter and copy-out): on the
+    CPU with gloo, 80 units of 28 frozen and 14 trainable tensors cost 8.6 ms a unit a step with the adapters
     inside, 4.9 ms outside; on two H200s at 70B under a 40 GiB cap, train.py's steps were 1.9 % and 3.5 % shorter
     than with the adapters inside (eval/BENCHMARKS.md, seventeenth and eighteenth sessions). Costs each GPU the
     adapters' AdamW state whole (~1.5 GiB at 70B r16, in the sharded estimate: `budget.check_sharded_memory`)."""
@@ -200,8 +202,9 @@ class ReplicatedAdapters:
         if self.ready[id(bucket)] < len(bucket):
             return
         self.ready[id(bucket)] = 0
-        # a sum, then divided: gloo has no average. Accumulated gradients stay right: what the ranks averaged
-        # before is equal on all of them
+        if not GradientState().sync_gradients:  # a row accumulated before the step's last (the trainer says which):
+            return  # the average of the accumulated sums at the last row is the sum of the rows' averages
+        # a sum, then divided: gloo has no average
         flat = torch.cat([p.grad.flatten() for p in bucket])
         self.pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
 

@@ -257,11 +257,13 @@ class TwoLoraLayers(torch.nn.Module):
                                                 for _ in range(2))
 
 
-def test_replicated_adapters_average_whole_layers_and_name_a_partial_one():
+def test_replicated_adapters_average_whole_layers_and_name_a_partial_one(monkeypatch):
     """ReplicatedAdapters in one gloo process: gradients come back as autograd made them (the average over one rank),
-    accumulated over two backwards; a backward that reaches only some of a layer's adapters (no bucket complete) fails
-    with the cause and the fix instead of leaving the ranks' gradients unaveraged."""
+    accumulated over two backwards, of which only the one the trainer marks as the step's last (accelerate's
+    GradientState) all-reduces, one call per layer; a backward that reaches only some of a layer's adapters (no bucket
+    complete) fails with the cause and the fix instead of leaving the ranks' gradients unaveraged."""
     import torch.distributed as dist
+    from accelerate.state import GradientState
     model, x = TwoLoraLayers(), torch.randn(4, 3)
 
     def loss(layers):
@@ -275,14 +277,19 @@ def test_replicated_adapters_average_whole_layers_and_name_a_partial_one():
         replicated = fsdp.ReplicatedAdapters(model)
         assert [len(bucket) for bucket in replicated.buckets] == [2, 2]
         replicated.start(torch.device("cpu"))
-        for _ in range(2):
+        all_reduce, reduced = dist.all_reduce, []  # counted, then run as they are
+        monkeypatch.setattr(dist, "all_reduce", lambda *args, **kw: reduced.append(1) or all_reduce(*args, **kw))
+        for last_row in (False, True):
+            GradientState()._set_sync_gradients(last_row)
             loss(model.model.layers).backward()
+        assert len(reduced) == 2
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=0)
         with pytest.raises(RuntimeError, match=r"^the adapters of 2 decoder layer\(s\) got gradients for only some "
                                                r"of their parameters .* set gpu.shard_adapters=true$"):
             sum(layer["lora_A"](x).sum() for layer in model.model.layers).backward()
     finally:
+        GradientState()._set_sync_gradients(True)
         dist.destroy_process_group()
 
 
