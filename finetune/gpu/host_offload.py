@@ -246,9 +246,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         if layer.copies:
             layer.copied = self.stream.record_event()
             self._free_copied(self.held)
-            self.held = layer
-        else:
-            layer.saved = {}
+            self.held = layer  # a block without copies saved no GPU tensor either (`_pack` records them together)
         if self.norms is not None:
             self.norms.stop()
         return super().__exit__(*exc)
